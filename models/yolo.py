@@ -77,6 +77,9 @@ class DualDDetect(DDetect):
     def __init__(self, nc=80, ch=(), inplace=True):
         nl = len(ch) // 2
         super().__init__(nc, ch[:nl], inplace)
+        # re-register dfl after cv4/cv5, so module and state_dict order is upstream's
+        # (cv2 cv3 cv4 cv5 dfl dfl2): optimizer states index parameters in that order
+        dfl = self._modules.pop("dfl")
         c4 = make_divisible(max((ch[nl] // 4, self.reg_max * 4, 16)), 4)
         c5 = max((ch[nl], min((self.nc * 2, 128))))
         self.cv4 = nn.ModuleList(
@@ -84,6 +87,7 @@ class DualDDetect(DDetect):
             for x in ch[nl:])
         self.cv5 = nn.ModuleList(nn.Sequential(Conv(x, c5, 3), Conv(c5, c5, 3), nn.Conv2d(c5, self.nc, 1))
                                  for x in ch[nl:])
+        self.dfl = dfl
         self.dfl2 = DFL(self.reg_max)
 
     def forward(self, x):
@@ -256,14 +260,26 @@ class DetectionModel(BaseModel):
 
         m = self.model[-1]
         if isinstance(m, HEADS):
-            s = 256
             m.inplace = self.inplace
-            out = self.forward(torch.zeros(1, ch, s, s))
-            feats = out[0] if isinstance(m, DualDDetect) else out
-            m.stride = torch.tensor([s / x.shape[-2] for x in feats])
+            m.stride = self._head_strides(ch)
             self.stride = m.stride
             m.bias_init()
         initialize_weights(self)
+
+    def _head_strides(self, ch, s=256):
+        """Head input strides from a forward of an s x s image, as upstream computes them, but run on
+        the meta device (shapes only): building gelan-e costs no 256 px forward pass."""
+        meta = {k: torch.empty_like(v, device="meta") for k, v in (*self.named_parameters(), *self.named_buffers())}
+        training = self.training
+        self.eval()  # eval-mode BatchNorm is much cheaper on meta; the head stays in train mode: raw maps,
+        self.model[-1].train()  # and no (meta) anchors cached on it
+        try:
+            with torch.no_grad():
+                out = torch.func.functional_call(self, meta, (torch.zeros(1, ch, s, s, device="meta"),))
+        finally:
+            self.train(training)
+        feats = out[0] if isinstance(self.model[-1], DualDDetect) else out
+        return torch.tensor([s / x.shape[-2] for x in feats])
 
     def forward(self, x, augment=False, profile=False, visualize=False):
         return self._forward_once(x)

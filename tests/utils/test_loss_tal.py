@@ -261,7 +261,8 @@ def test_real_model_loss_and_sgd(cfg):
     imgs, t = torch.rand(2, 3, IMG, IMG), _targets()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = []
-    for _ in range(6):
+    # TAL re-assigns targets as predictions move, so the first steps can rise; 12 steps settle
+    for _ in range(12):
         loss, items = cl(model(imgs), t)
         assert torch.isfinite(loss) and items.shape == (3,)
         opt.zero_grad()

@@ -1,0 +1,133 @@
+"""The few helpers qat/ and the QAT tools need that upstream YOLOv9 does not have.
+
+`patches/install.py` copies qat/ into a user's upstream YOLOv9 clone, where `utils` and `models`
+are upstream's own modules. Those lack `UserError`, `run_cli`, `save_atomic` and the safe
+checkpoint loader, so qat/ code imports these names from here, never from `utils.*` / `models.*`
+directly. In this repository they are our own objects (so `run_cli` catches `UserError` raised
+anywhere); in an upstream clone the fallbacks below stand in, built on upstream's model classes.
+"""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+try:
+    from utils.general import UserError, run_cli
+except ImportError:  # upstream YOLOv9 clone
+    class UserError(Exception):
+        """A problem with the user's input. CLIs print it as one line (`error: ...`) and exit 2."""
+
+    def run_cli(main_fn):
+        """`error: <message>` and exit 2 for a UserError, one line and exit 130 for Ctrl-C."""
+        try:
+            return main_fn()
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+try:
+    from utils.torch_utils import save_atomic
+except ImportError:  # upstream YOLOv9 clone
+    def save_atomic(obj, path):
+        """torch.save to a temp file in the same folder, fsync, os.replace: never half-written."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+try:  # upstream has init_seeds in utils.general, we have it in utils.torch_utils
+    from utils.torch_utils import init_seeds
+except ImportError:
+    from utils.general import init_seeds  # noqa: F401
+
+try:
+    from models.experimental import attempt_load, load_checkpoint
+except ImportError:  # upstream YOLOv9 clone: its attempt_load unpickles anything (weights_only=False)
+    import argparse
+    import collections
+    import pathlib
+    import pickle
+    import zipfile
+
+    import numpy as np
+    import torch.nn as nn
+
+    def _safe_globals():
+        """Allow-list for weights_only loading: the model classes of this checkout's `models`
+        package, torch.nn layers, and the numpy / builtin types upstream checkpoints hold."""
+        import importlib
+        classes = []
+        for name in ("models.common", "models.yolo", "models.experimental"):
+            mod = importlib.import_module(name)
+            classes += [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, nn.Module)]
+        classes += [v for v in vars(nn).values() if isinstance(v, type) and issubclass(v, nn.Module)]
+        mod = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+        out = list(dict.fromkeys(classes)) + [np.ndarray, np.dtype, collections.OrderedDict, set,
+                                              argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]
+        for fn_name in ("_reconstruct", "scalar"):
+            fn = getattr(mod, fn_name)
+            out += [(fn, f"numpy.core.multiarray.{fn_name}"), (fn, f"numpy._core.multiarray.{fn_name}")]
+        out += [v for v in vars(np.dtypes).values() if isinstance(v, type) and issubclass(v, np.dtype)]
+        return out
+
+    def load_checkpoint(weights, trusted=False, map_location="cpu"):
+        """Read a checkpoint into a dict without running code from it (unless `trusted`)."""
+        path = Path(weights)
+        if not path.is_file() or path.stat().st_size == 0:
+            raise UserError(f"weights file '{weights}' not found or empty; check the path")
+        if path.suffix.lower() == ".onnx":
+            raise UserError(f"weights '{weights}' is an ONNX file; pass a PyTorch checkpoint (.pt)")
+        try:
+            if trusted:
+                ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
+            else:
+                with torch.serialization.safe_globals(_safe_globals()):
+                    ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"weights '{weights}' was refused by the safe loader ({first}); "
+                            f"if you trust this file, pass --trusted") from None
+        except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"weights '{weights}' could not be read: truncated or not a checkpoint ({first})") from None
+        if isinstance(ckpt, nn.Module):
+            ckpt = {"model": ckpt}
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
+            raise UserError(f"weights '{weights}' is not a YOLOv9 checkpoint (no 'model' or 'ema' entry holding a model)")
+        return ckpt
+
+    def attempt_load(weights, device="cpu", inplace=True, fuse=True, trusted=False):
+        """One checkpoint as a float eval model (ema preferred), fused if asked: upstream's
+        attempt_load without the ensemble, through the safe loader."""
+        if isinstance(weights, (list, tuple)):
+            if len(weights) != 1:
+                raise UserError("model ensembles are not supported; pass one weights file")
+            weights = weights[0]
+        ckpt = load_checkpoint(weights, trusted=trusted)
+        model = (ckpt.get("ema") or ckpt["model"]).to(device).float()
+        if not hasattr(model, "stride"):
+            model.stride = torch.tensor([32.0])
+        if hasattr(model, "names") and isinstance(model.names, (list, tuple)):
+            model.names = dict(enumerate(model.names))
+        if fuse and hasattr(model, "fuse"):
+            model.fuse()
+        for m in model.modules():
+            if type(m) in (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU):
+                m.inplace = inplace
+            elif type(m) is nn.Upsample and not hasattr(m, "recompute_scale_factor"):
+                m.recompute_scale_factor = None
+        return model.eval()

@@ -1,0 +1,230 @@
+"""Quantized versions of the YOLOv9 modules, and the quantizers themselves (modelopt underneath).
+
+Each quantized class subclasses its float class and adds modelopt `TensorQuantizer`s at the points
+where TensorRT sees a Q/DQ pair: Conv2d input (per-tensor) and weight (per-output-channel), the
+inputs of Concat / residual Add / MaxPool / Upsample / CBFuse. `quantize.py` turns a float
+instance into its quantized subclass in place (`to_quant`) and back (`to_float`), so a model is
+never changed for every instance of a class. Which quantizers share one object is decided by
+`rules.py`; here every point starts with its own quantizer.
+
+modelopt is imported here and in `calibrate.py` only; nothing outside qat/ touches its API.
+"""
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.common import ADown, CBFuse, Concat, ELAN1, RepNBottleneck, RepNCSP, RepNCSPELAN4, SPPELAN
+
+with warnings.catch_warnings():  # modelopt's import warns about a missing CUDA runtime and jit.script
+    warnings.simplefilter("ignore")
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
+
+ACT_BITS = 8  # TensorRT / OpenVINO: activations are per-tensor symmetric INT8, zero point 0
+HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
+
+
+class WeightQuantizer(TensorQuantizer):
+    """Per-output-channel (axis 0) symmetric weight quantizer, narrow range [-(2^(b-1)-1), 2^(b-1)-1].
+
+    With `num_bits=7` (DESIGN.md section 5: CPUs without VNNI saturate 8-bit weights) the fake
+    quantization in training is modelopt's own 7-bit one. Engines only take INT8 Q/DQ, so during
+    ONNX export the same grid is written as INT8 with scale amax/63 (|q| <= 63), weights clamped to
+    the calibrated range first so no value can land outside it; for 8 bits the clamp keeps |q| <= 127.
+    The forward values are identical either way."""
+
+    def _fake_quantize(self, inputs):
+        if not torch.onnx.is_in_onnx_export():
+            return super()._fake_quantize(inputs)
+        amax = self._get_amax(inputs)
+        if bool((inputs.abs() > amax).any()):  # only emitted when weights left the calibrated range
+            inputs = torch.maximum(torch.minimum(inputs, amax), -amax)
+        amax8 = amax * ((2 ** (ACT_BITS - 1) - 1) / (2 ** (self._num_bits - 1) - 1))
+        return fake_tensor_quant(inputs, amax8, None, ACT_BITS, False, False, self._trt_high_precision_dtype,
+                                 self._pass_through_bwd, None, None)
+
+
+def _histogram_calibrator(num_bits, axis, unsigned):
+    """modelopt's HistogramCalibrator; `torch_hist` keeps the histogram on the model's device."""
+    from modelopt.torch.quantization.calib import HistogramCalibrator
+    return HistogramCalibrator(num_bits, axis, unsigned, num_bins=2048, torch_hist=True)
+
+
+def make_input_quantizer(calib_method="max"):
+    """Per-tensor signed INT8 activation quantizer; max or histogram calibrator by method."""
+    cfg = dict(num_bits=ACT_BITS, axis=None, narrow_range=False, pass_through_bwd=False,
+               calibrator="histogram" if calib_method in HISTOGRAM_METHODS else "max")
+    q = TensorQuantizer(QuantizerAttributeConfig(**cfg))
+    return q
+
+
+def make_weight_quantizer(weight_bits=8):
+    """Per-channel (axis 0) weight quantizer, always max-calibrated on the weight itself."""
+    cfg = dict(num_bits=int(weight_bits), axis=0, narrow_range=True, pass_through_bwd=False, calibrator="max")
+    return WeightQuantizer(QuantizerAttributeConfig(**cfg))
+
+
+def disabled_quantizer():
+    """A pass-through quantizer: keeps a skipped point in floating point."""
+    q = make_input_quantizer()
+    q.disable()
+    return q
+
+
+def is_quantizer(m):
+    return isinstance(m, TensorQuantizer)
+
+
+class QuantMixin:
+    """`FLOAT` is the float class; `QUANT_POINTS` the quantizer attributes the subclass owns;
+    `_quant_points(module)` lets a class own fewer (e.g. a bottleneck without shortcut)."""
+    FLOAT = None
+    QUANT_POINTS = ()
+
+    @classmethod
+    def _quant_points(cls, module):
+        return cls.QUANT_POINTS
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    FLOAT = nn.Conv2d
+    QUANT_POINTS = ("input_quantizer", "weight_quantizer")
+
+    def forward(self, x):
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantMaxPool2d(QuantMixin, nn.MaxPool2d):
+    FLOAT = nn.MaxPool2d
+    QUANT_POINTS = ("input_quantizer",)
+
+    def forward(self, x):
+        return super().forward(self.input_quantizer(x))
+
+
+class QuantUpsample(QuantMixin, nn.Upsample):
+    FLOAT = nn.Upsample
+    QUANT_POINTS = ("input_quantizer",)
+
+    def forward(self, x):
+        return super().forward(self.input_quantizer(x))
+
+
+class QuantConcat(QuantMixin, Concat):
+    """yaml-level Concat (neck): every input through the same quantizer."""
+    FLOAT = Concat
+    QUANT_POINTS = ("input_quantizer",)
+
+    def forward(self, x):
+        return torch.cat([self.input_quantizer(t) for t in x], self.d)
+
+
+class QuantRepNBottleneck(QuantMixin, RepNBottleneck):
+    """Residual Add with both inputs quantized (TensorRT fuses the Add into cv2's convolution)."""
+    FLOAT = RepNBottleneck
+    QUANT_POINTS = ("add_quantizer",)
+
+    @classmethod
+    def _quant_points(cls, module):
+        return cls.QUANT_POINTS if module.add else ()
+
+    def forward(self, x):
+        y = self.cv2(self.cv1(x))
+        return self.add_quantizer(x) + self.add_quantizer(y) if self.add else y
+
+
+class QuantRepNCSP(QuantMixin, RepNCSP):
+    FLOAT = RepNCSP
+    QUANT_POINTS = ("cat_quantizer",)
+
+    def forward(self, x):
+        q = self.cat_quantizer
+        return self.cv3(torch.cat((q(self.m(self.cv1(x))), q(self.cv2(x))), 1))
+
+
+class QuantELAN1(QuantMixin, ELAN1):
+    FLOAT = ELAN1
+    QUANT_POINTS = ("cat_quantizer",)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        for m in (self.cv2, self.cv3):
+            y.append(m(y[-1]))
+        return self.cv4(torch.cat([self.cat_quantizer(t) for t in y], 1))
+
+
+class QuantRepNCSPELAN4(QuantMixin, RepNCSPELAN4):
+    FLOAT = RepNCSPELAN4
+    QUANT_POINTS = ("cat_quantizer",)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        for m in (self.cv2, self.cv3):
+            y.append(m(y[-1]))
+        return self.cv4(torch.cat([self.cat_quantizer(t) for t in y], 1))
+
+
+class QuantADown(QuantMixin, ADown):
+    """Quantized once after the avg-pool, at the MaxPool input and at the Concat."""
+    FLOAT = ADown
+    QUANT_POINTS = ("pool_quantizer", "maxpool_quantizer", "cat_quantizer")
+
+    def forward(self, x):
+        x1, x2 = self.pool_quantizer(F.avg_pool2d(x, 2, 1, 0, False, True)).chunk(2, 1)
+        y2 = self.cv2(F.max_pool2d(self.maxpool_quantizer(x2), 3, 2, 1))
+        return torch.cat((self.cat_quantizer(self.cv1(x1)), self.cat_quantizer(y2)), 1)
+
+
+class QuantSPPELAN(QuantMixin, SPPELAN):
+    """The three max pools are nn.MaxPool2d inside SP (quantized as QuantMaxPool2d); the Concat here."""
+    FLOAT = SPPELAN
+    QUANT_POINTS = ("cat_quantizer",)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        for m in (self.cv2, self.cv3, self.cv4):
+            y.append(m(y[-1]))
+        return self.cv5(torch.cat([self.cat_quantizer(t) for t in y], 1))
+
+
+class QuantCBFuse(QuantMixin, CBFuse):
+    """Elementwise sum of the resized CBLinear outputs and the last input: every addend quantized."""
+    FLOAT = CBFuse
+    QUANT_POINTS = ("add_quantizer",)
+
+    def forward(self, xs):
+        q = self.add_quantizer
+        size = xs[-1].shape[2:]
+        out = q(xs[-1])
+        for i, x in enumerate(xs[:-1]):
+            out = out + q(F.interpolate(x[self.idx[i]], size=size, mode="nearest"))
+        return out
+
+
+QUANT_CLASSES = {c.FLOAT: c for c in (QuantConv2d, QuantMaxPool2d, QuantUpsample, QuantConcat, QuantRepNBottleneck,
+                                       QuantRepNCSP, QuantELAN1, QuantRepNCSPELAN4, QuantADown, QuantSPPELAN,
+                                       QuantCBFuse)}
+
+
+def to_quant(module, settings):
+    """Turn a float module (exact class in QUANT_CLASSES) into its quantized subclass, in place."""
+    cls = QUANT_CLASSES[type(module)]
+    module.__class__ = cls
+    for point in cls._quant_points(module):
+        q = make_weight_quantizer(settings.weight_bits) if point == "weight_quantizer" else \
+            make_input_quantizer(settings.calib_method)
+        setattr(module, point, q)
+    return module
+
+
+def to_float(module):
+    """Undo `to_quant` in place: drop the quantizers, restore the float class."""
+    if isinstance(module, QuantMixin):
+        for name, child in list(module.named_children()):
+            if is_quantizer(child):
+                delattr(module, name)
+        module.__class__ = module.FLOAT
+    return module

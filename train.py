@@ -1,0 +1,543 @@
+"""Train a YOLOv9 / GELAN detection model (FP32), upstream's train.py flow.
+
+    python train.py --data data/demo.yaml --cfg models/detect/gelan-t.yaml --weights '' --imgsz 320 --epochs 30
+    python train.py --weights runs/train/exp/weights/last.pt --data ... --epochs 10   # fine-tune
+    python train.py --resume                                 # continue the newest runs/train/*/weights/last.pt
+    python train.py --resume runs/train/exp3/weights/last.pt
+    torchrun --nproc_per_node 2 train.py --data ... --cfg ... --batch-size 32   # DDP (gloo on CPU, nccl on CUDA)
+
+A run writes runs/train/<name>/: hyp.yaml, opt.yaml, results.csv (+ .json, .md, .png) and weights/
+last.pt, best.pt (full state: model, ema, optimizer; resumable) and last_striped.pt, best_striped.pt
+(EMA weights in FP16 only, for deployment), all written atomically and readable by the safe loader.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from copy import deepcopy
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.optim import lr_scheduler
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # torchrun / another working directory
+
+import val as validate  # noqa: E402
+from models.experimental import attempt_load, load_checkpoint  # noqa: E402
+from models.yolo import Model  # noqa: E402
+from utils.callbacks import Callbacks  # noqa: E402
+from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.general import (LOGGER, UserError, check_dataset, check_img_size, colorstr, increment_path,  # noqa: E402
+                           print_args, run_cli, yaml_load, yaml_save)
+from utils.loss_tal import ComputeLoss  # noqa: E402
+from utils.metrics import fitness  # noqa: E402
+from utils.plots import plot_results, read_results_csv  # noqa: E402
+from utils.torch_utils import (EarlyStopping, ModelEMA, de_parallel, init_seeds, intersect_dicts,  # noqa: E402
+                               linear_lr, one_cycle, one_flat_cycle, save_atomic, select_device, smart_optimizer,
+                               torch_distributed_zero_first)
+
+LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))  # set by torchrun
+RANK = int(os.getenv("RANK", -1))
+WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
+TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
+HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr", "box",
+            "cls", "dfl", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
+            "flipud", "fliplr", "mosaic", "mixup")
+RESULT_KEYS = ("train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision", "metrics/recall",
+               "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss", "val/dfl_loss",
+               "x/lr0", "x/lr1", "x/lr2")
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+NBS = 64  # nominal batch size: gradients are accumulated up to it, weight decay is scaled to it
+
+
+# --- pieces ------------------------------------------------------------------------------------------
+
+def load_hyp(hyp):
+    """Hyperparameters from a yaml path or a dict -> dict; missing or non-numeric keys are UserErrors."""
+    if isinstance(hyp, (str, Path)):
+        if not Path(hyp).is_file():
+            raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml such as data/hyps/hyp.scratch-high.yaml")
+        hyp = yaml_load(hyp)
+    if not isinstance(hyp, dict):
+        raise UserError("--hyp must be a yaml file holding a mapping of hyperparameters")
+    hyp = dict(hyp)
+    missing = [k for k in HYP_KEYS if k not in hyp]
+    if missing:
+        raise UserError(f"hyperparameters miss {', '.join(missing)}: start from data/hyps/hyp.scratch-high.yaml")
+    bad = [k for k in HYP_KEYS if isinstance(hyp[k], bool) or not isinstance(hyp[k], (int, float))]
+    if bad:
+        raise UserError(f"hyperparameter {bad[0]}={hyp[bad[0]]!r} is not a number")
+    return hyp
+
+
+def build_model(opt, nc, names, device):
+    """The model to train -> (model, checkpoint dict or None).
+
+    --weights: a checkpoint (safe loader; --trusted for others) whose 'model' weights are copied into
+    a fresh model built from --cfg or, without it, from the checkpoint's own yaml, with nc = data's nc.
+    Otherwise a model from --cfg with fresh weights."""
+    weights, cfg = str(opt.weights or ""), opt.cfg
+    if weights:
+        ckpt = load_checkpoint(weights, trusted=opt.trusted)
+        src = ckpt["model"] if ckpt.get("model") is not None else ckpt["ema"]
+        cfg = cfg or getattr(src, "yaml", None)
+        if not cfg:
+            raise UserError(f"{weights} holds no model yaml: pass --cfg with the model's yaml")
+        model = Model(cfg, ch=3, nc=nc).to(device)
+        csd = intersect_dicts(src.float().state_dict(), model.state_dict())
+        model.load_state_dict(csd, strict=False)
+        LOGGER.info(f"Transferred {len(csd)}/{len(model.state_dict())} items from {weights}")
+        if len(csd) < len(model.state_dict()) // 2 and not opt.resume:
+            LOGGER.warning(f"WARNING: less than half of the model was transferred from {weights}: does --cfg match "
+                           f"it (a fused or reparameterized checkpoint needs its own yaml, e.g. gelan-c.yaml)?")
+    else:
+        if not cfg:
+            raise UserError("pass --cfg (a model yaml, to train from scratch) or --weights (a checkpoint)")
+        ckpt = None
+        model = Model(cfg, ch=3, nc=nc).to(device)
+    model.nc, model.names = nc, list(names)
+    return model, ckpt
+
+
+def build_dataloaders(data_dict, imgsz, batch_size, gs, hyp, opt):
+    """-> (train_loader, train_dataset, val_loader or None). Batch sizes are per rank; only rank 0
+    (or a single process) validates."""
+    train_loader, dataset = create_dataloader(data_dict["train"], imgsz, batch_size // WORLD_SIZE, gs, hyp=hyp,
+                                              augment=True, rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers,
+                                              shuffle=True, prefix=colorstr("train: "), seed=opt.seed,
+                                              single_cls=opt.single_cls)
+    val_loader = None
+    if RANK in (-1, 0):
+        val_loader = create_dataloader(data_dict["val"], imgsz, batch_size // WORLD_SIZE * 2, gs, hyp=hyp, rect=True,
+                                       rank=-1, workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "),
+                                       single_cls=opt.single_cls)[0]
+    return train_loader, dataset, val_loader
+
+
+def resume_state(ckpt, optimizer, ema, weights, epochs):
+    """Restore optimizer, EMA and counters from a last.pt -> (best_fitness, start_epoch)."""
+    if ckpt.get("optimizer") is None or ckpt.get("epoch", -1) < 0:
+        raise UserError(f"{weights} holds no training state (a stripped or final checkpoint): resume from the "
+                        f"run's weights/last.pt, or start a new training with --weights {weights}")
+    start_epoch = int(ckpt["epoch"]) + 1
+    if start_epoch >= epochs:
+        raise UserError(f"{weights}: training to {epochs} epochs is finished, nothing to resume; start a new "
+                        f"training with --weights {weights}")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    best_fitness = float(ckpt.get("best_fitness") or 0.0)
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
+        ema.updates = int(ckpt["updates"])
+    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
+    return best_fitness, start_epoch
+
+
+def strip_optimizer(f, s):
+    """Write `s`: checkpoint `f` with the EMA as the FP16 model and no training state (upstream's
+    *_striped.pt). Reads `f` through the safe loader, so every run proves its checkpoints load."""
+    x = load_checkpoint(f)
+    if x.get("ema") is not None:
+        x["model"] = x["ema"]
+    for k in ("optimizer", "best_fitness", "ema", "updates"):
+        x[k] = None
+    x["epoch"] = -1
+    x["model"].half()
+    for p in x["model"].parameters():
+        p.requires_grad = False
+    save_atomic(x, s)
+    LOGGER.info(f"Optimizer stripped from {f}, saved as {s}, {os.path.getsize(s) / 1e6:.1f}MB")
+
+
+def _append_results(file, epoch, values):
+    """One upstream-style results.csv row (space-padded columns)."""
+    keys = ("epoch",) + RESULT_KEYS
+    n = len(keys)
+    head = "" if file.exists() else ("%20s," * n % keys).rstrip(",") + "\n"
+    with open(file, "a") as f:
+        f.write(head + ("%20.5g," * n % (epoch, *values)).rstrip(",") + "\n")
+
+
+def _truncate_results(file, start_epoch):
+    """On resume, drop rows of epochs that will be trained again (the run died after logging them)."""
+    if not file.exists():
+        return
+    lines = file.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",")[0].strip() and
+                        float(ln.split(",")[0]) < start_epoch]
+    if len(keep) != len(lines):
+        file.write_text("".join(keep))
+
+
+def write_results_tables(save_dir):
+    """results.csv -> results.json (list of rows) and results.md (markdown table)."""
+    head, rows = read_results_csv(save_dir / "results.csv")
+    if not rows:
+        return
+    recs = [dict(zip(head, r)) for r in rows]
+    for r in recs:
+        r["epoch"] = int(r["epoch"])
+    (save_dir / "results.json").write_text(json.dumps(recs, indent=1))
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(f"{v:.5g}" for v in r) + " |" for r in rows]
+    (save_dir / "results.md").write_text("\n".join(md) + "\n")
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+def train(hyp, opt, device, callbacks):
+    """Train with the settings in `opt` (see parse_opt) on `device`; returns the final results tuple
+    (P, R, mAP50, mAP50-95, val box/cls/dfl loss) of best.pt."""
+    save_dir, epochs, batch_size = Path(opt.save_dir), opt.epochs, opt.batch_size
+    main_rank = RANK in (-1, 0)
+    w = save_dir / "weights"
+    last, best = w / "last.pt", w / "best.pt"
+
+    hyp = load_hyp(hyp)
+    opt.hyp = hyp.copy()  # saved in opt.yaml and the checkpoints (before weight decay scaling)
+    if main_rank:
+        w.mkdir(parents=True, exist_ok=True)
+        LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
+
+    cuda = device.type == "cuda"
+    amp = cuda  # mixed precision only where it pays and is numerically checked: CUDA
+    plots = not opt.noplots
+    init_seeds(opt.seed + 1 + RANK, deterministic=True)
+    with torch_distributed_zero_first(LOCAL_RANK):
+        data_dict = check_dataset(opt.data)
+    nc = 1 if opt.single_cls else int(data_dict["nc"])
+    names = ["item"] if opt.single_cls else data_dict["names"]
+
+    # Model
+    model, ckpt = build_model(opt, nc, names, device)
+    freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
+    for k, v in model.named_parameters():
+        if any(x in k for x in freeze):
+            LOGGER.info(f"freezing {k}")
+            v.requires_grad = False
+    gs = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+
+    # Data
+    train_loader, dataset, val_loader = build_dataloaders(data_dict, imgsz, batch_size, gs, hyp, opt)
+    labels = np.concatenate(dataset.labels, 0)
+    if len(labels) and int(labels[:, 0].max()) >= nc:
+        raise UserError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}: "
+                        f"class labels must be 0-{nc - 1}")
+
+    # QAT (issues 4-5): `--qat` hands `model` (weights loaded, on `device`) with these loaders to
+    # qat.pipeline at this point, instead of the FP32 loop below.
+
+    # Optimizer, LR schedule, EMA
+    accumulate = max(round(NBS / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / NBS
+    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+    if opt.cos_lr:
+        lf = one_cycle(1, hyp["lrf"], epochs)
+    elif opt.flat_cos_lr:
+        lf = one_flat_cycle(1, hyp["lrf"], epochs)
+    else:
+        lf = linear_lr(hyp["lrf"], epochs)
+    scheduler = lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    ema = ModelEMA(model) if main_rank else None
+
+    best_fitness, start_epoch = 0.0, 0
+    if ckpt is not None and opt.resume:
+        best_fitness, start_epoch = resume_state(ckpt, optimizer, ema, opt.weights, epochs)
+        if main_rank:
+            _truncate_results(save_dir / "results.csv", start_epoch)
+    del ckpt
+
+    if opt.sync_bn and cuda and RANK != -1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+        LOGGER.info("Using SyncBatchNorm()")
+    model.hyp = hyp  # read by ComputeLoss (box, cls, dfl gains)
+    if RANK != -1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None,
+                                                    output_device=LOCAL_RANK if cuda else None)
+
+    # Start training
+    t0 = time.time()
+    nb = len(train_loader)
+    nw = max(round(hyp["warmup_epochs"] * nb), 100) if hyp["warmup_epochs"] > 0 else -1  # warmup iterations
+    last_opt_step = -1
+    results = (0, 0, 0, 0, 0, 0, 0)  # P, R, mAP50, mAP50-95, val box, cls, dfl
+    scheduler.last_epoch = start_epoch - 1
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    stopper, stop = EarlyStopping(patience=opt.patience), False
+    compute_loss = ComputeLoss(model)
+    if main_rank:
+        callbacks.run("on_train_start", SimpleNamespace(model=de_parallel(model), optimizer=optimizer, ema=ema,
+                                                        start_epoch=start_epoch, epochs=epochs, dataset=dataset,
+                                                        best_fitness=best_fitness, save_dir=save_dir))
+    LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\n"
+                f"Using {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
+                f"Logging results to {colorstr('bold', save_dir)}\n"
+                f"Starting training for {epochs} epochs...")
+    epoch = start_epoch
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        if opt.close_mosaic and epoch >= epochs - opt.close_mosaic and dataset.mosaic:
+            LOGGER.info(f"Closing dataloader mosaic for the last {epochs - epoch} epochs")
+            dataset.mosaic = False  # the loader starts fresh workers every epoch, so they see this
+        if main_rank:
+            callbacks.run("on_train_epoch_start", epoch)
+        mloss = torch.zeros(3, device=device)
+        if RANK != -1:
+            train_loader.sampler.set_epoch(epoch)
+        pbar = enumerate(train_loader)
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "cls_loss", "dfl_loss", "Instances", "Size"))
+        if main_rank:
+            pbar = tqdm(pbar, total=nb, bar_format=TQDM_BAR_FORMAT)
+        optimizer.zero_grad()
+        for i, (imgs, targets, _paths, _) in pbar:
+            ni = i + nb * epoch  # batches since the start of training
+            imgs = imgs.to(device, non_blocking=True).float() / 255
+
+            # Warmup: bias lr falls from warmup_bias_lr, other lrs rise from 0, momentum rises
+            if ni <= nw:
+                xi = [0, nw]
+                accumulate = max(1, int(np.interp(ni, xi, [1, NBS / batch_size]).round()))
+                for j, x in enumerate(optimizer.param_groups):
+                    x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0,
+                                                       x["initial_lr"] * lf(epoch)]))
+                    if "momentum" in x:
+                        x["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
+
+            with torch.autocast(device_type=device.type, enabled=amp):
+                pred = model(imgs)
+                loss, loss_items = compute_loss(pred, targets.to(device))  # loss scaled by batch size
+                if RANK != -1:
+                    loss = loss * WORLD_SIZE  # DDP averages gradients over ranks
+            scaler.scale(loss).backward()
+
+            if ni - last_opt_step >= accumulate:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+                if ema is not None:
+                    ema.update(model)
+                last_opt_step = ni
+
+            if main_rank:
+                mloss = (mloss * i + loss_items) / (i + 1)
+                mem = f"{torch.cuda.memory_reserved(device) / 1e9 if cuda else 0:.3g}G"
+                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) %
+                                     (f"{epoch}/{epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))
+                callbacks.run("on_train_batch_end", epoch, i, loss_items)
+                if callbacks.stop_training:
+                    return results
+
+        lr = [x["lr"] for x in optimizer.param_groups]
+        scheduler.step()
+
+        if main_rank:
+            ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride"])
+            final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
+            if not opt.noval or final_epoch:
+                results, _maps, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+                                                 half=amp, model=ema.ema, single_cls=opt.single_cls,
+                                                 dataloader=val_loader, save_dir=save_dir, plots=False,
+                                                 compute_loss=compute_loss)
+            fi = float(fitness(np.array(results, dtype=float).reshape(1, -1))[0])
+            stop = stopper(epoch=epoch, fitness=fi)
+            best_fitness = max(best_fitness, fi)
+            values = [float(x) for x in (*mloss.tolist(), *results, *lr)]
+            _append_results(save_dir / "results.csv", epoch, values)
+            callbacks.run("on_fit_epoch_end", epoch, dict(zip(RESULT_KEYS, values)), best_fitness, fi)
+
+            if not opt.nosave or final_epoch:
+                ckpt = {"epoch": epoch,
+                        "best_fitness": best_fitness,
+                        "model": deepcopy(de_parallel(model)).half(),
+                        "ema": deepcopy(ema.ema).half(),
+                        "updates": ema.updates,
+                        "optimizer": optimizer.state_dict(),
+                        "opt": vars(opt),
+                        "git": None,
+                        "date": datetime.now().isoformat()}
+                save_atomic(ckpt, last)
+                if best_fitness == fi:
+                    save_atomic(ckpt, best)
+                if opt.save_period > 0 and epoch % opt.save_period == 0:
+                    save_atomic(ckpt, w / f"epoch{epoch}.pt")
+                del ckpt
+                callbacks.run("on_model_save", last, epoch, final_epoch, best_fitness, fi)
+
+        if RANK != -1:  # every rank must stop together
+            flag = [stop if RANK == 0 else None]
+            dist.broadcast_object_list(flag, 0)
+            stop = flag[0]
+        if stop:
+            break
+
+    if main_rank:
+        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        for f in (last, best):
+            if f.exists():
+                strip_optimizer(f, w / f"{f.stem}_striped.pt")
+        if best.exists():
+            LOGGER.info(f"\nValidating {best}...")
+            model_best = attempt_load(best, device)
+            results, _, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+                                         model=model_best.half() if amp else model_best, single_cls=opt.single_cls,
+                                         dataloader=val_loader, save_dir=save_dir, verbose=True, plots=plots,
+                                         compute_loss=compute_loss)
+        write_results_tables(save_dir)
+        if plots:
+            plot_results(save_dir / "results.csv")
+        callbacks.run("on_train_end", last, best, epoch, results)
+        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
+    if cuda:
+        torch.cuda.empty_cache()
+    return results
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description="Train a YOLOv9 / GELAN detector (FP32, upstream flow)")
+    parser.add_argument("--weights", type=str, default="", help="initial weights path ('' = from scratch)")
+    parser.add_argument("--cfg", type=str, default="", help="model.yaml path, e.g. models/detect/gelan-t.yaml")
+    parser.add_argument("--data", type=str, default=str(ROOT / "data/demo.yaml"), help="dataset.yaml path")
+    parser.add_argument("--hyp", type=str, default=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
+                        help="hyperparameters path")
+    parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
+    parser.add_argument("--batch-size", type=int, default=16, help="total batch size for all ranks")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    parser.add_argument("--rect", action="store_true", help="rectangular training")
+    parser.add_argument("--resume", nargs="?", const=True, default=False,
+                        help="resume the newest run under --project, or the given last.pt")
+    parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
+    parser.add_argument("--noval", action="store_true", help="only validate final epoch")
+    parser.add_argument("--noplots", action="store_true", help="save no plot files")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    parser.add_argument("--optimizer", type=str, choices=OPTIMIZERS, default="SGD", help="optimizer")
+    parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only in DDP mode on CUDA")
+    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank in DDP mode)")
+    parser.add_argument("--project", default=str(ROOT / "runs/train"), help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    parser.add_argument("--flat-cos-lr", action="store_true", help="flat cosine LR scheduler")
+    parser.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    parser.add_argument("--freeze", nargs="+", type=int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
+    parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
+    parser.add_argument("--seed", type=int, default=0, help="Global training seed")
+    parser.add_argument("--close-mosaic", type=int, default=0, help="train the last N epochs without mosaic")
+    parser.add_argument("--trusted", action="store_true",
+                        help="allow full pickle loading of --weights (only for files you trust)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _latest_run(project):
+    runs = sorted(Path(project).glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError(f"--resume: no */weights/last.pt under {project}; pass the last.pt to resume")
+    return runs[-1]
+
+
+def _resume_opt(opt):
+    """--resume: the opt of the run (opt.yaml beside weights/, else the checkpoint's), continuing in
+    its folder from its last.pt. --device and --workers stay those of this command (machine-specific)."""
+    last = Path(_latest_run(opt.project) if opt.resume is True else opt.resume)
+    if not last.is_file():
+        raise UserError(f"--resume {opt.resume}: file not found; pass a run's weights/last.pt")
+    opt_yaml = last.parent.parent / "opt.yaml"
+    d = yaml_load(opt_yaml) if opt_yaml.is_file() else load_checkpoint(last, trusted=opt.trusted).get("opt")
+    if not isinstance(d, dict):
+        raise UserError(f"--resume {last}: no opt.yaml beside weights/ and no 'opt' in the checkpoint")
+    new = vars(parse_opt([]))
+    new.update(d)
+    new.update(weights=str(last), cfg="", resume=True, save_dir=str(last.parent.parent), device=opt.device,
+               workers=opt.workers, trusted=opt.trusted)
+    return argparse.Namespace(**new)
+
+
+def _check_opt(opt):
+    if opt.epochs < 1:
+        raise UserError(f"--epochs {opt.epochs}: train at least 1 epoch")
+    if opt.batch_size < 1:
+        raise UserError(f"--batch-size {opt.batch_size} is not supported: pass a positive batch size")
+    if opt.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer {opt.optimizer} is not one of {', '.join(OPTIMIZERS)}")
+    if RANK != -1 and opt.batch_size % WORLD_SIZE:
+        raise UserError(f"--batch-size {opt.batch_size} must be a multiple of the {WORLD_SIZE} DDP processes")
+    if opt.cos_lr and opt.flat_cos_lr:
+        raise UserError("pass at most one of --cos-lr and --flat-cos-lr")
+
+
+def main(opt, callbacks=None):
+    callbacks = callbacks or Callbacks()
+    if RANK in (-1, 0):
+        print_args(vars(opt))
+
+    # Device and DDP
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    if LOCAL_RANK != -1:
+        if device.type == "cuda":
+            if torch.cuda.device_count() <= LOCAL_RANK:
+                raise UserError(f"torchrun started {WORLD_SIZE} processes but only {torch.cuda.device_count()} "
+                                f"CUDA device(s) are visible")
+            torch.cuda.set_device(LOCAL_RANK)
+            device = torch.device("cuda", LOCAL_RANK)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(hours=3))  # rank 0 validates while the others wait
+
+    if opt.resume:
+        opt = _resume_opt(opt)
+    else:
+        opt.weights, opt.cfg, opt.hyp = str(opt.weights or ""), str(opt.cfg or ""), opt.hyp
+        if RANK in (-1, 0):
+            opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+        if RANK != -1:  # one run folder for all ranks, chosen by rank 0
+            box = [getattr(opt, "save_dir", None)]
+            dist.broadcast_object_list(box, 0)
+            opt.save_dir = box[0]
+    _check_opt(opt)
+
+    # init_seeds(deterministic=True) switches on a process-wide setting: restore it afterwards
+    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.backends.cudnn.benchmark)
+    try:
+        return opt, train(opt.hyp, opt, device, callbacks)
+    finally:
+        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+        torch.backends.cudnn.benchmark = det[2]
+        if LOCAL_RANK != -1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(callbacks=None, **kwargs):
+    """Python entry point: `train.run(data='data/demo.yaml', cfg='models/detect/gelan-t.yaml', imgsz=320)`.
+    Keyword names are the CLI's long options with '_' for '-'. Returns the opt used (the run's own
+    after --resume), with `opt.results` = (P, R, mAP50, mAP50-95, val losses) of best.pt."""
+    opt = parse_opt([])
+    unknown = [k for k in kwargs if not hasattr(opt, k)]
+    if unknown:
+        raise UserError(f"train.run: unknown option(s) {', '.join(unknown)}")
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    opt, results = main(opt, callbacks)
+    opt.results = results
+    return opt
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_opt()))
