@@ -499,6 +499,7 @@ def main(opt, callbacks=None):
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                     timeout=timedelta(hours=3))  # rank 0 validates while the others wait
+        LOGGER.info(f"DDP: {WORLD_SIZE} processes, backend {dist.get_backend()}, device {device}")
 
     if opt.resume:
         opt = _resume_opt(opt)

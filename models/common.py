@@ -19,10 +19,17 @@ def autopad(k, p=None, d=1):
     return p
 
 
+def _empty_conv_like(conv):
+    """A Conv2d with conv's geometry, device and dtype and a bias, left uninitialised (built on the meta
+    device: its values are overwritten at once, so no time goes into a random init)."""
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, bias=True, device="meta", dtype=conv.weight.dtype)
+    return new.to_empty(device=conv.weight.device)
+
+
 def fuse_conv_and_bn(conv, bn):
     """Fold a BatchNorm2d into the preceding Conv2d; returns a new Conv2d with bias."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True).to(conv.weight.device)
+    fused = _empty_conv_like(conv)
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
@@ -112,7 +119,8 @@ class RepConvN(nn.Module):
     def _branch_kernel_bias(branch):
         """Equivalent (kernel, bias) of a Conv branch, BN folded in (whether or not already fused)."""
         if getattr(branch, "bn", None) is None:
-            bias = branch.conv.bias if branch.conv.bias is not None else torch.zeros(branch.conv.out_channels)
+            w = branch.conv.weight
+            bias = branch.conv.bias if branch.conv.bias is not None else w.new_zeros(w.shape[0])
             return branch.conv.weight, bias
         bn = branch.bn
         std = (bn.running_var + bn.eps).sqrt()
@@ -127,9 +135,7 @@ class RepConvN(nn.Module):
         if "conv" in self._modules:
             return
         kernel, bias = self.get_equivalent_kernel_bias()
-        c = self.conv1.conv
-        conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
-                         bias=True).to(kernel.device)
+        conv = _empty_conv_like(self.conv1.conv)
         with torch.no_grad():
             conv.weight.copy_(kernel)
             conv.bias.copy_(bias)

@@ -5,10 +5,13 @@ here, our model classes and the few torch / numpy / builtin types upstream YOLOv
 A file that needs anything else is refused before any of its code can run, with the offending
 global named. `trusted=True` (CLI: --trusted) opts out for files the user vouches for.
 """
+import _compat_pickle
 import argparse
 import collections
+import io
 import pathlib
-import pickle
+import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -46,6 +49,80 @@ def safe_globals():
     return list(_OUR_MODULES) + list(_TORCH_MODULES) + _numpy_globals() + extra
 
 
+def _allowed_names():
+    """Dotted names of every global the safe loader accepts: ours plus torch's own weights_only defaults."""
+    names = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in safe_globals()}
+    names |= {f"{g.__module__}.{g.__name__}" for g in _OUR_MODULES + _TORCH_MODULES}
+    try:  # private, but only used to word the error message; the unpickler itself is the guard
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        names |= set(_get_allowed_globals())
+    except Exception:
+        pass
+    return names
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _py3_name(module, name):
+    """Protocol-2 pickles name some builtins the Python 2 way (__builtin__.set); the unpickler maps them."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+
+
+def _globals_in_pickles(data):
+    """Dotted names of the globals the pickle(s) in `data` would import, read with pickletools (nothing is
+    executed). Handles GLOBAL/INST and protocol-4 STACK_GLOBAL; a legacy torch file is several pickles."""
+    stream, names = io.BytesIO(data), []
+    for _ in range(8):
+        pushed, memo = [], {}  # strings pushed (None for other values), memo of strings, for STACK_GLOBAL
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(_py3_name(*arg.split(" ", 1)))
+                elif op.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                    names.append(_py3_name(pushed[-2], pushed[-1]))
+                elif op.name in _STRING_OPS:
+                    pushed.append(arg)
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif op.stack_after:
+                    pushed.append(None)
+        except Exception:  # end of the pickles (a legacy file's raw storage bytes follow them) or garbage
+            break
+        if stream.tell() >= len(data):
+            break
+    return names
+
+
+def _file_globals(path):
+    """Globals referenced by a checkpoint's pickle: data.pkl inside a zip checkpoint, else the file itself."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return [g for n in z.namelist() if n.endswith(".pkl") for g in _globals_in_pickles(z.read(n))]
+        return _globals_in_pickles(Path(path).read_bytes())
+    except Exception:
+        return []
+
+
+def _refused(weights, names):
+    names = list(dict.fromkeys(names))  # unique, in order
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return UserError(f"weights '{weights}' needs global '{names[0]}'{more} which is not on the safe-load allow-list "
+                     f"(nothing was executed); if you trust this file, pass --trusted")
+
+
+def _first_sentence(e):
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text.split(". ")[0][:160]
+
+
 def load_checkpoint(weights, trusted=False, map_location="cpu"):
     """Read a checkpoint file into a dict. All failure modes are one-line UserErrors."""
     path = Path(weights)
@@ -60,39 +137,52 @@ def load_checkpoint(weights, trusted=False, map_location="cpu"):
     if not trusted:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # not a zip checkpoint: torch.load below gives the precise reason
+        except Exception:  # not a (readable) zip checkpoint: the failure path below words the reason
             unsafe = []
-        allowed = {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in safe_globals()}
-        allowed |= {f"{g.__module__}.{g.__name__}" for g in _OUR_MODULES + _TORCH_MODULES}
+        allowed = _allowed_names()
         bad = [g for g in unsafe if g not in allowed]
         if bad:
-            raise UserError(f"weights '{weights}' needs global '{bad[0]}' which is not on the safe-load allow-list "
-                            f"(nothing was executed); if you trust this file, pass --trusted")
+            raise _refused(weights, bad)
     try:
         if trusted:
             ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
         else:
-            with torch.serialization.safe_globals(safe_globals()):
+            with torch.serialization.safe_globals(safe_globals()), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # raw pickles: refused below
                 ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "not an allowed global" in str(e):
-            raise UserError(f"weights '{weights}' was refused by the safe loader ({first[:200]}); "
-                            f"if you trust this file, pass --trusted") from None
-        raise UserError(f"weights '{weights}' is not a PyTorch checkpoint ({first[:200]})") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"weights '{weights}' could not be read: truncated or not a checkpoint ({msg[:200]})") from None
+    except Exception as e:  # whatever the unpickler trips on, the file cannot be loaded as it is
+        if not trusted:
+            allowed = _allowed_names()
+            bad = [g for g in _file_globals(path) if g not in allowed]
+            if bad:
+                raise _refused(weights, bad) from None
+        if isinstance(e, (zipfile.BadZipFile, EOFError)) or "zip archive" in str(e) or "EOF" in str(e):
+            raise UserError(f"weights '{weights}' could not be read: truncated or damaged file "
+                            f"({_first_sentence(e)}); copy or download it again") from None
+        if not trusted and "persistent_load" in str(e):
+            raise UserError(f"weights '{weights}' is in the legacy (pre-1.6) torch format that the safe loader cannot "
+                            f"read; if you trust this file, pass --trusted") from None
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither a zip archive nor a pickle (PROTO opcode)
+            raise UserError(f"weights '{weights}' is not a PyTorch checkpoint (neither a zip archive nor pickle "
+                            f"data); pass a .pt file written by torch.save") from None
+        raise UserError(f"weights '{weights}' is not a PyTorch checkpoint ({_first_sentence(e)})") from None
     if isinstance(ckpt, nn.Module):
         ckpt = {"model": ckpt}
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
+    if not isinstance(ckpt, dict) or not isinstance(_pick_model(ckpt), nn.Module):
         raise UserError(f"weights '{weights}' is not a YOLOv9 checkpoint (no 'model' or 'ema' entry holding a model)")
     return ckpt
 
 
+def _pick_model(ckpt):
+    """ema when present (upstream's choice), else model."""
+    return ckpt["ema"] if ckpt.get("ema") is not None else ckpt.get("model")
+
+
 def model_from_checkpoint(ckpt, device="cpu", fuse=True, inplace=True):
     """Pick ema (preferred) or model, as float32 on `device`, fused if asked, in eval mode."""
-    model = (ckpt.get("ema") or ckpt["model"]).to(device).float()
+    model = _pick_model(ckpt).to(device).float()
     if not hasattr(model, "stride"):
         model.stride = torch.tensor([32.0])
     if hasattr(model, "names") and isinstance(model.names, (list, tuple)):

@@ -41,6 +41,7 @@ UPSTREAM_MARKER = ("models/common.py", "class RepNCSPELAN4")  # YOLOv9's block; 
 # Names that exist upstream with another signature or meaning: importing them is a bug in the tools.
 INCOMPATIBLE = {
     "export.export_onnx": "upstream's takes (model, im, file, opset, dynamic, simplify) and swallows errors",
+    "models.experimental.attempt_load": "upstream's has no trusted= and no safe loading; use qat.compat.attempt_load",
 }
 
 
@@ -49,17 +50,18 @@ class InstallError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# train.py hooks: anchor regex (matched at the start of a statement), the function it must be in,
-# where to insert (before/after that statement) and the lines to insert (relative indentation
-# in 4-space steps). Every inserted line carries MARK so that a reader sees what is ours.
+# train.py hooks. `anchor`: regex matched at the start of a statement (`show`: the same for a
+# reader); `function`: where that statement must be; `where`: insert before or after it; `lines`:
+# what to insert (indented like the anchor, plus 4-space steps). Every inserted line carries MARK.
 
 HOOKS = {
     "train.py": [
-        dict(name="--qat option", anchor=r"parser\.add_argument\(\s*['\"]--resume['\"]", function="parse_opt",
-             where="after",
+        dict(name="--qat option", show="parser.add_argument('--resume'", function="parse_opt", where="after",
+             anchor=r"parser\.add_argument\(\s*['\"]--resume['\"]",
              lines=["parser.add_argument('--qat', action='store_true', "
                     f"help='quantization-aware fine-tuning, see train_qat.py')  {MARK}"]),
-        dict(name="QAT hand-off", anchor=r"amp\s*=\s*check_amp\(\s*model\s*\)", function="train", where="before",
+        dict(name="QAT hand-off", show="amp = check_amp(model)", function="train", where="before",
+             anchor=r"amp\s*=\s*check_amp\(\s*model\s*\)",
              lines=[f"if getattr(opt, 'qat', False):  {MARK}: QAT-fine-tune the model built/loaded above",
                     f"    from {HOOK_MODULE} import {HOOK_FUNC}  {MARK}",
                     f"    return {HOOK_FUNC}(model, opt=opt, hyp=hyp, data_dict=data_dict, device=device)  {MARK}"]),
@@ -131,7 +133,7 @@ def hook_blocks(text, fname):
         hits = [i for i, line in enumerate(lines) if rx.match(line)]
         if len(hits) != 1:
             what = "not found" if not hits else f"found {len(hits)} times"
-            raise InstallError(f"{fname}: anchor for the {hook['name']} ({hook['anchor']!r}) {what}; this {fname} "
+            raise InstallError(f"{fname}: anchor `{hook['show']}` for the {hook['name']} {what}; this {fname} "
                                f"differs from upstream YOLOv9's, so nothing was changed (add the hook by hand, "
                                f"see patches/README.md)")
         func, stmt = _enclosing(tree, hits[0] + 1)
@@ -348,6 +350,23 @@ def source_files():
     return out
 
 
+def check_hook_target():
+    """The function train.py's hook calls must exist in the shipped qat/ and take its keywords."""
+    path = module_file(SOURCE_ROOT, HOOK_MODULE)
+    fn = None
+    if path is not None:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == HOOK_FUNC), None)
+    if fn is None:
+        raise InstallError(f"{HOOK_MODULE.replace('.', '/')}.py in {SOURCE_ROOT} defines no {HOOK_FUNC}(), which "
+                           f"train.py --qat calls; nothing was changed")
+    params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+    needed = {"opt", "hyp", "data_dict", "device"} - params
+    if (len(fn.args.args) + (fn.args.vararg is not None) < 1) or (needed and fn.args.kwarg is None):
+        raise InstallError(f"{HOOK_FUNC}() in {HOOK_MODULE} must take (model, opt=, hyp=, data_dict=, device=) "
+                           f"as train.py --qat calls it; nothing was changed")
+
+
 def check_target(target):
     if not target.is_dir():
         raise InstallError(f"{target} is not a folder; pass the root of your YOLOv9 clone")
@@ -388,6 +407,7 @@ def plan_install(target, force=False):
                 raise InstallError(f"{target / item} already exists and was not installed by this tool; move it "
                                    f"away and rerun")
     files = source_files()
+    check_hook_target()
     helpers = check_imports(target, [SOURCE_ROOT / f for f in files], {Path(i).stem for i in INSTALL_ITEMS},
                             ours_there=set(old["files"]) if old else set())
     for h in helpers:
@@ -536,12 +556,15 @@ def uninstall(target, dry_run=False, force=False):
         if original is not None and sha256(original) != rec["original_sha256"]:
             original = None
         stripped = remove_blocks(current.decode("utf-8", errors="surrogateescape"), rec["blocks"])
+        stripped = None if stripped is None else stripped.encode("utf-8", errors="surrogateescape")
+        if sha256(current) == rec["original_sha256"]:
+            continue  # already back to the original (e.g. git checkout train.py)
         if sha256(current) == rec["sha256"] and original is not None:
             restores[fname] = original  # untouched since install: the exact original bytes
-        elif stripped is not None and sha256(stripped.encode("utf-8", errors="surrogateescape")) == rec["original_sha256"]:
-            restores[fname] = stripped.encode("utf-8", errors="surrogateescape")  # same bytes, backup lost
-        elif stripped is not None and not force:
-            restores[fname] = stripped.encode("utf-8", errors="surrogateescape")
+        elif stripped is not None and sha256(stripped) == rec["original_sha256"]:
+            restores[fname] = stripped  # the same bytes, the backup was lost
+        elif stripped is not None:
+            restores[fname] = stripped
             print(f"{fname} was edited after install: removing only the --qat hook, keeping the other edits")
         elif force and original is not None:
             restores[fname] = original

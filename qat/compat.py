@@ -107,7 +107,8 @@ except ImportError:  # upstream YOLOv9 clone: its attempt_load unpickles anythin
         if isinstance(ckpt, nn.Module):
             ckpt = {"model": ckpt}
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
-            raise UserError(f"weights '{weights}' is not a YOLOv9 checkpoint (no 'model' or 'ema' entry holding a model)")
+            raise UserError(f"weights '{weights}' is not a YOLOv9 checkpoint (no 'model' or 'ema' entry holding "
+                            f"a model)")
         return ckpt
 
     def attempt_load(weights, device="cpu", inplace=True, fuse=True, trusted=False):

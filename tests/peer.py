@@ -69,3 +69,76 @@ def pickled_as_upstream():
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers for comparing our models with the peer's
+
+CONFIGS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c", "gelan-e",
+           "yolov9-t", "yolov9-s", "yolov9-m", "yolov9-c", "yolov9-e")
+OUR_CFG_DIR = Path(__file__).resolve().parents[1] / "models" / "detect"
+
+
+def peer_cfg(name):
+    """Path of upstream's own yaml for config `name` (e.g. 'gelan-c'), as shipped in yolo9."""
+    yolo, _ = load_peer()
+    return Path(yolo.__file__).parent / "detect" / f"{name}.yaml"
+
+
+def quiet_peer():
+    """The peer logs every layer it builds; keep test output readable."""
+    import logging
+
+    for name in ("yolov5", "yolo9", "yolov9"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def randomize_bn(model, seed=0):
+    """Random BatchNorm running stats and affine parameters, so that BN folding (fuse) changes the
+    weights and a mistake in it, or in copying state, shows in the outputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def flat_tensors(out):
+    """Every tensor of a model output (tensors, nested lists and tuples), in order."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for x in out for t in flat_tensors(x)]
+
+
+def assert_outputs_close(a, b, rtol=1e-4):
+    """Same structure, and each tensor equal within rtol of its own largest magnitude."""
+    import torch
+
+    ta, tb = flat_tensors(a), flat_tensors(b)
+    assert len(ta) == len(tb), f"{len(ta)} tensors vs {len(tb)}"
+    for i, (x, y) in enumerate(zip(ta, tb)):
+        assert x.shape == y.shape, f"output {i}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        scale = y.abs().max().item() or 1.0
+        err = (x.float() - y.float()).abs().max().item() / scale
+        assert err <= rtol, f"output {i} {tuple(y.shape)}: relative error {err:.2e} > {rtol:.0e}"
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread. On 2 cores shared with other jobs, torch's two OpenMP threads
+    mostly wait for each other: these model tests run several times faster on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_ITEMS = ["qat", "train_qat.py", "export_qat.py", "val_trt.py"]
-UPSTREAM_DEPS = ("pandas", "seaborn", "IPython", "psutil", "git", "thop", "tensorboard")
+UPSTREAM_DEPS = ("pandas", "seaborn", "IPython", "psutil", "git", "thop", "tensorboard", "absl")
 
 
 def run_installer(source, target, *args):
@@ -211,7 +211,8 @@ def test_dry_run_shows_changes_and_changes_nothing(fake_source, upstream):
     r = run_installer(fake_source, upstream, "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "would copy qat/pipeline.py" in r.stdout and "would copy utils/qat_fake_helper.py" in r.stdout
-    assert "+    parser.add_argument('--qat'" in r.stdout and "+        from qat.pipeline import run_from_train" in r.stdout
+    assert "+    parser.add_argument('--qat'" in r.stdout
+    assert "+        from qat.pipeline import run_from_train" in r.stdout
     assert snapshot(upstream) == before
     run_installer(fake_source, upstream)
     installed = snapshot(upstream)
@@ -251,7 +252,8 @@ def test_refuses_what_is_not_an_upstream_checkout(fake_source, upstream, tmp_pat
     assert_one_line_error(run_installer(fake_source, fake_source), "yolov9-qat checkout itself")
     # the PyPI package's own layout (imports yolo9.*) is not a clone
     train = upstream / "train.py"
-    train.write_text(train.read_text(encoding="utf-8").replace("from models.yolo import", "from yolo9.models.yolo import"))
+    text = train.read_text(encoding="utf-8")
+    train.write_text(text.replace("from models.yolo import", "from yolo9.models.yolo import"), encoding="utf-8")
     before = snapshot(upstream)
     assert_one_line_error(run_installer(fake_source, upstream), "yolo9")
     assert snapshot(upstream) == before
@@ -260,16 +262,27 @@ def test_refuses_what_is_not_an_upstream_checkout(fake_source, upstream, tmp_pat
 
 def test_refuses_tools_that_need_names_upstream_lacks(fake_source, upstream):
     (fake_source / "val_trt.py").write_text("from utils.general import UserError\nfrom export import export_onnx\n"
-                                            "import utils.demo_nowhere\n")
+                                            "import utils.demo_nowhere\nimport val\nval.nothing_like_this()\n"
+                                            "from models.experimental import attempt_load\n")
     before = snapshot(upstream)
     r = run_installer(fake_source, upstream)
     assert_one_line_error(r, "val_trt.py:1 uses utils.general.UserError", "val_trt.py:2 uses export.export_onnx",
-                          "utils.demo_nowhere")
+                          "utils.demo_nowhere", "val_trt.py:5 uses val.nothing_like_this",
+                          "val_trt.py:6 uses models.experimental.attempt_load")
     assert snapshot(upstream) == before
     # the same import as an optional fallback is fine
     (fake_source / "val_trt.py").write_text("try:\n    from utils.general import UserError\nexcept ImportError:\n"
                                             "    UserError = ValueError\n")
     assert run_installer(fake_source, upstream).returncode == 0
+
+
+def test_refuses_when_the_qat_pipeline_lacks_the_hook_function(fake_source, upstream):
+    before = snapshot(upstream)
+    (fake_source / "qat" / "pipeline.py").write_text("def run_from_train(model, opt):\n    pass\n")
+    assert_one_line_error(run_installer(fake_source, upstream), "must take (model, opt=, hyp=, data_dict=, device=)")
+    (fake_source / "qat" / "pipeline.py").write_text("def run(model, **kw):\n    pass\n")
+    assert_one_line_error(run_installer(fake_source, upstream), "defines no run_from_train()")
+    assert snapshot(upstream) == before
 
 
 def test_existing_qat_folder_is_not_overwritten(fake_source, upstream):

@@ -1,0 +1,154 @@
+"""Export a QAT checkpoint to a Q/DQ ONNX that TensorRT and OpenVINO run in INT8 (a plain checkpoint
+exports as the FP32 baseline).
+
+    python export_qat.py --weights runs/qat/exp/weights/qat_best.pt                  # -> qat_best.onnx
+    python export_qat.py --weights qat_best.pt --no-last-layer --dynamic
+    python export_qat.py --weights qat_best.pt --end2end --nms tensorrt             # -> qat_best-end2end.onnx
+
+The file is written beside the weights, then post-processed by qat.graph (shared scales verified,
+duplicate Q/DQ merged, modelopt's float casts and dead nodes removed) and checked by qat.lint; the
+command prints the path, size, Q/DQ counts and both reports, and fails when lint finds a violation.
+--end2end puts NMS inside the graph: TensorRT's EfficientNMS_TRT plugin (--nms tensorrt; outputs
+num_dets, det_boxes, det_scores, det_classes) or the standard ONNX NonMaxSuppression (--nms onnx;
+output `detections` (K, 7) = image, x1, y1, x2, y2, conf, class). --nms auto picks tensorrt when
+TensorRT and a GPU are here, else onnx.
+"""
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils.general import LOGGER, UserError, check_img_size, colorstr, file_size, print_args, run_cli  # noqa: E402
+
+
+def _drop_head_quantizers(model):
+    """--no-last-layer on a checkpoint trained with a quantized head: every quantizer slot of the
+    head gets a disabled quantizer of its own (as qat.quantize does for skipped layers), so a
+    quantizer the head shares with other layers stays active there."""
+    from qat.modules import disabled_quantizer
+    from qat.rules import quantizer_slots
+
+    prefix = f"model.{len(model.model) - 1}."
+    n = 0
+    for name, parent, attr, _ in quantizer_slots(model):
+        if name.startswith(prefix):
+            setattr(parent, attr, disabled_quantizer())
+            n += 1
+    if isinstance(getattr(model, "qat", None), dict):
+        model.qat.setdefault("settings", {})["no_last_layer"] = True
+    return n
+
+
+def load_for_export(weights, device="cpu", no_last_layer=False, trusted=False):
+    """(model, is_qat): a QAT checkpoint -> the quantized model (qat.checkpoint.load_qat); a plain
+    one -> the fused FP32 model."""
+    from models.experimental import attempt_load, load_checkpoint
+    from qat.checkpoint import is_qat_checkpoint, load_qat
+
+    ckpt = load_checkpoint(weights, trusted=trusted)
+    if is_qat_checkpoint(ckpt):
+        del ckpt
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # modelopt import chatter
+            model, settings, _ = load_qat(weights, device=device, trusted=trusted)
+        if no_last_layer and not settings.no_last_layer:
+            n = _drop_head_quantizers(model)
+            LOGGER.info(f"--no-last-layer: {n} quantizer slots of the head disabled; the head exports in float")
+        return model.eval(), True
+    del ckpt
+    if no_last_layer:
+        LOGGER.warning("WARNING: --no-last-layer ignored: a plain checkpoint exports as FP32 without any Q/DQ")
+    return attempt_load(weights, device=device, fuse=True, trusted=trusted), False
+
+
+def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=False, device="cpu",
+        no_last_layer=False, end2end=False, nms="auto", topk_all=100, iou_thres=0.45, conf_thres=0.25,
+        trusted=False):
+    """Export; returns a dict: path, qat, size_mb, qdq counts, graph report, lint violations."""
+    from qat.deploy import tensorrt_available
+    from qat.export import export_qat_onnx
+    from qat.graph import format_report, postprocess, qdq_counts
+    from qat.lint import lint, summary
+    from utils.torch_utils import select_device
+
+    weights = Path(weights)
+    if weights.suffix.lower() == ".onnx":
+        raise UserError(f"--weights {weights} is already ONNX; pass the PyTorch checkpoint (.pt)")
+    imgsz = list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz]
+    if len(imgsz) not in (1, 2):
+        raise UserError(f"--imgsz takes one size or two (h w), got {len(imgsz)}")
+    imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    if nms not in ("auto", "tensorrt", "onnx"):
+        raise UserError(f"--nms {nms} is unknown: use auto, tensorrt or onnx")
+    if end2end and nms == "auto":
+        nms = "tensorrt" if tensorrt_available()[0] else "onnx"
+    model, is_qat = load_for_export(weights, select_device(device), no_last_layer, trusted)
+    imgsz = check_img_size(imgsz, s=int(max(model.stride)))
+    out = weights.with_name(weights.stem + ("-end2end" if end2end else "") + ".onnx")
+    kind = "QAT Q/DQ" if is_qat else "FP32"
+    LOGGER.info(f"{colorstr('ONNX:')} exporting {weights} as {kind} ONNX, opset {opset}, input "
+                f"{batch_size}x3x{imgsz[0]}x{imgsz[1]}{' (dynamic)' if dynamic else ''}"
+                f"{f', NMS inside ({nms})' if end2end else ''}...")
+    export_qat_onnx(model, out, imgsz, batch_size=batch_size, dynamic=dynamic, opset=opset, end2end=end2end, nms=nms,
+                    simplify=simplify, max_det=topk_all, iou_thres=iou_thres, conf_thres=conf_thres, postprocess=False)
+    result = {"path": str(out), "qat": is_qat, "graph": None, "lint": []}
+    if is_qat:
+        report = postprocess(out)
+        result["graph"] = report
+        LOGGER.info(format_report(report))
+        result["lint"] = lint(out)
+    counts = qdq_counts(out)
+    result.update(size_mb=file_size(out), qdq=counts)
+    LOGGER.info(f"{colorstr('ONNX:')} saved {out} ({result['size_mb']:.1f} MB), "
+                f"{counts['QuantizeLinear']} QuantizeLinear / {counts['DequantizeLinear']} DequantizeLinear")
+    if is_qat:
+        if result["lint"]:
+            for line in result["lint"]:
+                LOGGER.info(f"lint: {line}")
+            raise UserError(f"{out}: qat.lint found {len(result['lint'])} Q/DQ rule violation(s), listed above")
+        s = summary(out)
+        LOGGER.info(f"lint: ok ({s['pairs']} Q/DQ pairs, {s['groups']} shared-scale groups, "
+                    f"{s['int8_convs']}/{s['convs']} convolutions INT8)")
+    return result
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(description="Export a QAT checkpoint to Q/DQ ONNX (a plain one to FP32 ONNX), "
+                                                 "written beside the weights")
+    parser.add_argument("--weights", type=str, required=True, help="QAT (or plain) checkpoint (.pt)")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="image (h, w)")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size")
+    parser.add_argument("--dynamic", action="store_true", help="dynamic batch (and h/w without --end2end)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (>= 13)")
+    parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    parser.add_argument("--device", default="cpu", help="cuda device, i.e. 0 or cpu")
+    parser.add_argument("--no-last-layer", action="store_true", help="export the detection head without Q/DQ")
+    parser.add_argument("--end2end", action="store_true", help="NMS inside the graph (writes <weights>-end2end.onnx)")
+    parser.add_argument("--nms", default="auto", choices=("auto", "tensorrt", "onnx"),
+                        help="end2end NMS: TensorRT EfficientNMS_TRT plugin or standard ONNX NonMaxSuppression")
+    parser.add_argument("--topk-all", type=int, default=100, help="end2end: max detections per image (per class "
+                                                                   "for --nms onnx)")
+    parser.add_argument("--iou-thres", type=float, default=0.45, help="end2end: NMS IoU threshold")
+    parser.add_argument("--conf-thres", type=float, default=0.25, help="end2end: confidence threshold")
+    parser.add_argument("--trusted", action="store_true",
+                        help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    def _main():
+        opt = parse_opt(argv)
+        print_args(vars(opt))
+        return run(**vars(opt))
+
+    return run_cli(_main)
+
+
+if __name__ == "__main__":
+    main()

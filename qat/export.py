@@ -1,0 +1,246 @@
+"""Export a QAT model to ONNX with TensorRT-style Q/DQ, optionally with NMS inside the graph.
+
+    path = export_qat_onnx(qmodel, "qat_best.onnx", imgsz=640)              # + qat.graph post-process
+    path = export_qat_onnx(qmodel, "e2e.onnx", 640, end2end=True, nms="onnx")
+
+The modelopt quantizers export as QuantizeLinear/DequantizeLinear pairs: int8, zero point 0,
+activations per tensor, weights per output channel (axis 0). Layers whose quantizers are disabled
+(`--no-last-layer`, `--skip-layers`) export without Q/DQ; their names go into the file's metadata
+(`float_layers`) so `qat.lint` can check that they stayed float. The plain (no NMS) export reuses
+`export.export_onnx`, so the QAT file has the same input/output contract as the FP32 baseline:
+`images` (B, 3, H, W) float 0-1 -> `output0` (B, 4+nc, anchors).
+
+end2end: the model's output goes through NMS inside the graph.
+- nms='tensorrt': TensorRT's EfficientNMS_TRT plugin node. Outputs `num_dets` (B, 1) int32,
+  `det_boxes` (B, max_det, 4) float x1y1x2y2, `det_scores` (B, max_det), `det_classes` (B, max_det)
+  int32. Only TensorRT can run it.
+- nms='onnx': the standard NonMaxSuppression op (ONNX Runtime, OpenVINO). Output `detections`
+  (K, 7) = [image index, x1, y1, x2, y2, confidence, class], the same rows as
+  utils.general.non_max_suppression (best class per box, class-aware NMS); at most max_det boxes
+  per class and image.
+"""
+import json
+import re
+import warnings
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from qat.compat import UserError
+
+NMS_KINDS = ("onnx", "tensorrt")
+
+
+def _heads(model):
+    from models.yolo import HEADS
+
+    return [m for m in model.modules() if isinstance(m, HEADS)]
+
+
+def _quantizers_disabled(module):
+    """True when a module's own quantizers (input and weight) are all disabled / absent."""
+    qs = [getattr(module, a, None) for a in ("input_quantizer", "weight_quantizer")]
+    qs = [q for q in qs if q is not None]
+    return all(getattr(q, "_disabled", False) for q in qs)
+
+
+def float_layers(model):
+    """Regexes of the layers that export without Q/DQ: the head under --no-last-layer, the
+    --skip-layers patterns, and every individual convolution whose quantizers are disabled."""
+    pats = []
+    settings = getattr(model, "qat", {}).get("settings", {}) if isinstance(getattr(model, "qat", None), dict) else {}
+    if settings.get("no_last_layer"):
+        pats.append(re.escape(f"model.{len(model.model) - 1}") + r"\.")
+    pats += list(settings.get("skip_layers") or [])
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and hasattr(m, "weight_quantizer") and _quantizers_disabled(m):
+            if not any(re.search(p, name) for p in pats):
+                pats.append("^" + re.escape(name) + "$")
+    return pats
+
+
+def is_quantized(model):
+    """True for a model with modelopt quantizers in it."""
+    try:
+        from modelopt.torch.quantization.nn import TensorQuantizer
+    except ImportError:  # no modelopt: nothing can be quantized
+        return False
+    return any(isinstance(m, TensorQuantizer) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------------
+# NMS inside the graph
+
+
+class _OnnxNMS(torch.autograd.Function):
+    """Standard ONNX NonMaxSuppression; the forward gives the same selection for tracing."""
+
+    @staticmethod
+    def forward(ctx, boxes, scores, max_out, iou, score_thr):
+        import torchvision
+
+        rows = []
+        k = int(max_out)
+        for b in range(boxes.shape[0]):
+            for c in range(scores.shape[1]):
+                s = scores[b, c]
+                keep = torch.nonzero(s > float(score_thr)).flatten()
+                if keep.numel():
+                    sel = keep[torchvision.ops.nms(boxes[b, keep], s[keep], float(iou))][:k]
+                    rows.append(torch.stack([torch.full_like(sel, b), torch.full_like(sel, c), sel], 1))
+        return torch.cat(rows) if rows else torch.zeros((0, 3), dtype=torch.int64)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_out, iou, score_thr):
+        return g.op("NonMaxSuppression", boxes, scores, max_out, iou, score_thr, center_point_box_i=0)
+
+
+class _TrtEfficientNMS(torch.autograd.Function):
+    """TensorRT's EfficientNMS_TRT plugin (only TensorRT runs it): the forward returns tensors of the
+    right shapes and types for tracing, the symbolic writes the plugin node."""
+
+    @staticmethod
+    def forward(ctx, boxes, scores, iou, score_thr, max_det):
+        b = boxes.shape[0]
+        return (torch.randint(0, max_det, (b, 1), dtype=torch.int32), torch.rand(b, max_det, 4),
+                torch.rand(b, max_det), torch.randint(0, scores.shape[2], (b, max_det), dtype=torch.int32))
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou, score_thr, max_det):
+        return g.op("TRT::EfficientNMS_TRT", boxes, scores, background_class_i=-1, box_coding_i=0,
+                    iou_threshold_f=float(iou), max_output_boxes_i=int(max_det), plugin_version_s="1",
+                    score_activation_i=0, score_threshold_f=float(score_thr), outputs=4)
+
+
+class End2End(nn.Module):
+    """model (export mode, (B, 4+nc, N) xywh + scores) followed by NMS."""
+
+    def __init__(self, model, nms="onnx", max_det=100, iou_thres=0.45, conf_thres=0.25):
+        super().__init__()
+        if nms not in NMS_KINDS:
+            raise UserError(f"--nms {nms} is unknown: use one of {', '.join(NMS_KINDS)}")
+        self.model, self.nms = model, nms
+        self.max_det, self.iou_thres, self.conf_thres = int(max_det), float(iou_thres), float(conf_thres)
+
+    def forward(self, x):
+        y = self.model(x)
+        y = y[-1] if isinstance(y, (list, tuple)) else y  # DualDDetect: the main head
+        xy, wh, scores = y[:, :2], y[:, 2:4], y[:, 4:]
+        boxes = torch.cat((xy - wh / 2, xy + wh / 2), 1).transpose(1, 2)  # (B, N, 4) x1y1x2y2
+        if self.nms == "tensorrt":
+            return _TrtEfficientNMS.apply(boxes, scores.transpose(1, 2).contiguous(), self.iou_thres,
+                                          self.conf_thres, self.max_det)
+        conf, cls = scores.max(1, keepdim=True)  # best class per box, as non_max_suppression(multi_label=False)
+        classes = torch.arange(scores.shape[1], device=x.device).view(1, -1, 1)
+        masked = torch.where(classes == cls, conf, torch.zeros_like(scores))
+        sel = _OnnxNMS.apply(boxes, masked, torch.tensor([self.max_det]), torch.tensor([self.iou_thres]),
+                             torch.tensor([self.conf_thres]))
+        n = boxes.shape[1]
+        flat = sel[:, 0] * n + sel[:, 2]
+        det_boxes = boxes.reshape(-1, 4)[flat]
+        det_conf = conf.reshape(-1)[flat]
+        return torch.cat((sel[:, :1].float(), det_boxes, det_conf[:, None], sel[:, 1:2].float()), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def _add_metadata(path, meta):
+    import onnx
+
+    from qat.graph import _save
+
+    m = onnx.load(str(path))
+    existing = {p.key: p for p in m.metadata_props}
+    for k, v in meta.items():
+        value = v if isinstance(v, str) else json.dumps(v)
+        if k in existing:
+            existing[k].value = value
+        else:
+            m.metadata_props.add(key=k, value=value)
+    _save(m, path)
+
+
+def _names(model):
+    """{index: name}, the form export.export_onnx (and upstream) writes."""
+    names = getattr(model, "names", None)
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    return {int(k): str(v) for k, v in (names or {}).items()}
+
+
+def _export_end2end(model, path, imgsz, batch_size, dynamic, opset, nms, max_det, iou_thres, conf_thres):
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    p = next(model.parameters())
+    im = torch.zeros(batch_size, 3, h, w, device=p.device, dtype=torch.float32)
+    heads = _heads(model)
+    saved = [(m, m.export) for m in heads]
+    try:
+        for m in heads:
+            m.export = True
+        wrapper = End2End(model, nms, max_det, iou_thres, conf_thres).eval()
+        if nms == "tensorrt":
+            outputs = ["num_dets", "det_boxes", "det_scores", "det_classes"]
+            axes = {k: {0: "batch"} for k in ["images"] + outputs} if dynamic else None
+        else:
+            outputs = ["detections"]
+            axes = {"images": {0: "batch"}, "detections": {0: "detections"}} if dynamic else \
+                {"detections": {0: "detections"}}
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, im, str(path), opset_version=opset, do_constant_folding=True,
+                              input_names=["images"], output_names=outputs, dynamic_axes=axes, dynamo=False)
+    finally:
+        for m, e in saved:
+            m.export = e
+    return path
+
+
+def export_qat_onnx(model, path, imgsz=640, batch_size=1, dynamic=False, opset=17, end2end=False, nms="onnx",
+                    simplify=False, max_det=100, iou_thres=0.45, conf_thres=0.25, postprocess=True, extra_meta=None):
+    """Export a (QAT or plain) model to `path` and return the Path.
+
+    The model is not changed (a copy is exported). `dynamic`: dynamic batch (and, without end2end,
+    height/width as export.export_onnx does). With postprocess=True the file is run through
+    qat.graph.postprocess (its report is stored in the metadata key `graph_report`)."""
+    from export import export_onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if opset < 13:
+        raise UserError(f"--opset {opset} is too old for per-channel Q/DQ: use 13 or newer (17 recommended)")
+    if end2end and nms not in NMS_KINDS:
+        raise UserError(f"--nms {nms} is unknown: use one of {', '.join(NMS_KINDS)}")
+    quantized = is_quantized(model)
+    m = deepcopy(model).float().eval()
+    if not quantized and hasattr(m, "fuse") and hasattr(m, "is_fused") and not m.is_fused():
+        m.fuse()
+    if end2end:
+        _export_end2end(m, path, imgsz, batch_size, dynamic, opset, nms, max_det, iou_thres, conf_thres)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # modelopt and the tracer warn about traced shape checks
+            export_onnx(m, path, imgsz, batch_size=batch_size, dynamic=dynamic, opset=opset, simplify=simplify)
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    stride = getattr(m, "stride", None)
+    settings = getattr(m, "qat", {}).get("settings", {}) if isinstance(getattr(m, "qat", None), dict) else {}
+    meta = {"qat": "1" if quantized else "0", "strides": [int(s) for s in stride] if stride is not None else [8, 16, 32],
+            "names": _names(m), "imgsz": [int(h), int(w)], "batch": int(batch_size), "dynamic": bool(dynamic),
+            "head": f"model.{len(m.model) - 1}" if hasattr(m, "model") else "",
+            "end2end": nms if end2end else "", "float_layers": float_layers(m) if quantized else [],
+            "weight_bits": int(settings.get("weight_bits", 8)) if quantized else 32,
+            "producer": "yolov9-qat qat.export"}
+    meta.update(extra_meta or {})
+    if end2end:
+        meta.update({"max_det": max_det, "iou_thres": iou_thres, "conf_thres": conf_thres})
+    _add_metadata(path, meta)
+    if postprocess and quantized:
+        from qat.graph import postprocess as run_postprocess
+
+        report = run_postprocess(path)
+        _add_metadata(path, {"graph_report": {k: v for k, v in report.items() if k != "scale_changes"}
+                             | {"scale_changes": len(report["scale_changes"])}})
+    return path

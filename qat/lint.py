@@ -1,0 +1,203 @@
+"""Check a Q/DQ ONNX against the TensorRT rules (DESIGN.md sections 2 and 4); list every violation.
+
+    python -m qat.lint model.onnx [--float-layers 'model\\.22\\.' ...]   # exit 1 with the list, 0 when clean
+
+Checks: int8 symmetric zero points (int8, all 0); per-tensor activation scales; per-output-channel
+weight scales (axis 0, one per output channel); Q and DQ of a pair carry the same positive scale;
+one scale in every shared-scale group (`qat.graph.scale_classes`: Concat / Add / MaxPool / Resize /
+Split groups and duplicate Q/DQ on one tensor); no Q/DQ on layers that should stay float (the
+`float_layers` the exporter recorded in the file, e.g. the head for --no-last-layer, plus any given
+here) and every other convolution quantized on input and weight; no dangling nodes (outputs nobody
+reads, Q without DQ, DQ without Q, float-to-float Casts left behind).
+"""
+import argparse
+import re
+
+import numpy as np
+
+from qat.compat import UserError, run_cli
+from qat.graph import (_is_float_cast, find_pairs, import_graph, load_model, metadata, scale_classes)
+
+# The DFL's fixed 1x1 convolution (the box-decoding integral) is float by design in every model.
+ALWAYS_FLOAT = (r"\.dfl\d*\.conv$",)
+
+
+def module_name(node):
+    """The PyTorch module path of an exported node: from its weight's initializer name when it has
+    one ('model.22.cv2.0.0.conv.weight'), else from the node's scope name
+    ('/model.22/cv2.0/cv2.0.0/conv/Conv' -> 'model.22.cv2.0.0.conv')."""
+    if node.op == "Conv" and len(node.inputs) > 1:
+        w = node.inputs[1]
+        src = w.inputs[0] if getattr(w, "inputs", None) else None  # DQ producing the weight
+        if src is not None and src.op == "DequantizeLinear":
+            q = src.inputs[0].inputs[0] if src.inputs[0].inputs else None
+            w = q.inputs[0] if q is not None and q.op == "QuantizeLinear" else src.inputs[0]
+        if w.name.endswith(".weight"):
+            return w.name[: -len(".weight")]
+    parts = []
+    for comp in (node.name or "").strip("/").split("/")[:-1]:
+        if parts and comp.startswith(parts[-1] + "."):
+            parts[-1] = comp
+        else:
+            parts.append(comp)
+    return ".".join(parts)
+
+
+def matches(name, patterns):
+    return any(re.search(p, name) for p in patterns)
+
+
+def _dq_of(t):
+    """The DequantizeLinear producing tensor t (or None)."""
+    prod = t.inputs[0] if getattr(t, "inputs", None) else None
+    return prod if prod is not None and prod.op == "DequantizeLinear" else None
+
+
+def _fmt_scale(s):
+    s = np.asarray(s).reshape(-1)
+    return f"{s[0]:.6g}" if s.size == 1 else f"[{s.size} values]"
+
+
+def lint(onnx_path, float_layers=None, expect_qdq=True):
+    """Return the list of violations (empty when the file follows every rule).
+
+    float_layers: regexes (re.search on module names) of layers that must stay float, added to the
+    ones the exporter recorded in the file's metadata (`float_layers`)."""
+    model = load_model(onnx_path)
+    meta = metadata(model)
+    patterns = list(meta.get("float_layers") or []) + list(float_layers or [])
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise UserError(f"float layer pattern '{p}' is not a valid regular expression ({e})") from None
+    graph = import_graph(model)
+    v = []
+
+    qs = [n for n in graph.nodes if n.op == "QuantizeLinear"]
+    dqs = [n for n in graph.nodes if n.op == "DequantizeLinear"]
+    if not qs and not dqs:
+        return ["no QuantizeLinear/DequantizeLinear nodes: a float model, not a QAT export"] if expect_qdq else []
+
+    # zero points: int8, all zero (TensorRT: symmetric signed INT8)
+    for n in qs + dqs:
+        zp = n.inputs[2] if len(n.inputs) > 2 else None
+        vals = getattr(zp, "values", None)
+        if zp is None or vals is None:
+            v.append(f"{n.name}: no zero point (defaults to uint8); TensorRT needs an int8 zero point of 0")
+            continue
+        vals = np.asarray(vals)
+        if vals.dtype != np.int8 or np.any(vals != 0):
+            v.append(f"{n.name}: zero point {vals.dtype} {vals.reshape(-1)[:4].tolist()}; "
+                     f"TensorRT needs int8 zero point 0 (symmetric)")
+
+    # pairs: scales, axes, dangling Q / DQ
+    pairs = find_pairs(graph)
+    paired_q = {id(p.q) for p in pairs}
+    paired_dq = {id(p.dq) for p in pairs}
+    for n in qs:
+        if id(n) not in paired_q:
+            v.append(f"{n.name}: QuantizeLinear not followed by a DequantizeLinear (dangling)")
+    for n in dqs:
+        if id(n) not in paired_dq and getattr(n.inputs[0], "values", None) is None:
+            v.append(f"{n.name}: DequantizeLinear without a QuantizeLinear before it (dangling)")
+    for p in pairs:
+        s_q, s_dq = np.asarray(p.scale), np.asarray(getattr(p.dq.inputs[1], "values", np.nan))
+        if s_q.shape != s_dq.shape or not np.allclose(s_q, s_dq, rtol=1e-6, atol=0):
+            v.append(f"{p.name}: Q scale {_fmt_scale(s_q)} and DQ scale {_fmt_scale(s_dq)} differ")
+        if not np.all(np.isfinite(s_q)) or np.any(s_q <= 0):
+            v.append(f"{p.name}: scale {_fmt_scale(s_q)} is not positive and finite")
+        consumers = list(p.dq.outputs[0].outputs)
+        if p.weight:
+            w = np.asarray(p.source.values)
+            convs = [c for c in consumers if c.op == "Conv" and len(c.inputs) > 1 and c.inputs[1] is p.dq.outputs[0]]
+            if convs:
+                if s_q.size == 1:
+                    v.append(f"{p.name}: per-tensor weight scale; TensorRT expects per-output-channel (axis 0)")
+                elif (p.axis if p.axis is not None else 1) != 0 or s_q.size != w.shape[0]:
+                    v.append(f"{p.name}: weight scale of {s_q.size} values on axis {p.axis}; "
+                             f"expected {w.shape[0]} on axis 0 (per output channel)")
+        elif s_q.size != 1:
+            v.append(f"{p.name}: activation scale has {s_q.size} values; activations are per-tensor")
+
+    # one scale per group
+    for c in scale_classes(graph, pairs):
+        if not c.agrees():
+            where = f" at {', '.join(c.ops[:3])}" if c.ops else ""
+            members = ", ".join(f"{p.name} (amax {p.amax:.6g})" for p in c.pairs[:6])
+            more = f" and {len(c.pairs) - 6} more" if len(c.pairs) > 6 else ""
+            v.append(f"scale mismatch in a shared group{where}: {members}{more}; run qat.graph.postprocess "
+                     f"or train with the qat rules")
+
+    # float layers stay float; every other convolution is INT8 on input and weight
+    allowed_float = patterns + list(ALWAYS_FLOAT)
+    for n in graph.nodes:
+        if n.op != "Conv":
+            continue
+        name = module_name(n)
+        q_in, q_w = _dq_of(n.inputs[0]) is not None, len(n.inputs) > 1 and _dq_of(n.inputs[1]) is not None
+        if matches(name, patterns):
+            if q_in or q_w:
+                v.append(f"{n.name}: Q/DQ on layer {name}, which should stay float")
+        elif not matches(name, allowed_float) and not (q_in and q_w):
+            missing = " and ".join(x for x, ok in (("input", q_in), ("weight", q_w)) if not ok)
+            v.append(f"{n.name}: convolution {name} has no Q/DQ on its {missing} (runs in float)")
+    for p in pairs:
+        consumers = list(p.dq.outputs[0].outputs)
+        if consumers and all(c.op == "Conv" and matches(module_name(c), patterns) for c in consumers):
+            v.append(f"{p.name}: Q/DQ feeds only float layer(s) {module_name(consumers[0])}")
+
+    # dangling nodes and leftovers
+    outputs = set(id(t) for t in graph.outputs)
+    for n in graph.nodes:
+        if n.outputs and all(not t.outputs and id(t) not in outputs for t in n.outputs):
+            v.append(f"{n.name or n.op}: {n.op} output is never used (dangling node)")
+        if _is_float_cast(n):
+            v.append(f"{n.name}: float-to-float Cast left in the graph (qat.graph.postprocess removes it)")
+    return v
+
+
+def summary(onnx_path):
+    """Counts for a clean file: Q/DQ pairs, groups, INT8 / float convolutions."""
+    graph = import_graph(onnx_path)
+    pairs = find_pairs(graph)
+    convs = [n for n in graph.nodes if n.op == "Conv"]
+    int8 = sum(_dq_of(n.inputs[0]) is not None and _dq_of(n.inputs[1]) is not None for n in convs)
+    return {"pairs": len(pairs), "groups": len(scale_classes(graph, pairs)), "convs": len(convs), "int8_convs": int8}
+
+
+def parse_opt(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m qat.lint",
+                                     description="Check a Q/DQ ONNX against the TensorRT Q/DQ rules")
+    parser.add_argument("onnx", help="ONNX model to check")
+    parser.add_argument("--float-layers", nargs="*", default=[],
+                        help="regexes of module names that must stay float (added to the file's metadata)")
+    parser.add_argument("--no-last-layer", action="store_true", help="the detection head must stay float")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    def _main():
+        opt = parse_opt(argv)
+        patterns = list(opt.float_layers)
+        if opt.no_last_layer:
+            head = metadata(opt.onnx).get("head")
+            if not head:
+                raise UserError(f"{opt.onnx} does not record its head layer; pass --float-layers 'model\\.N\\.'")
+            patterns.append(re.escape(head) + r"\.")
+        violations = lint(opt.onnx, float_layers=patterns)
+        if violations:
+            for line in violations:
+                print(f"violation: {line}")
+            print(f"{opt.onnx}: {len(violations)} violation(s)")
+            return 1
+        s = summary(opt.onnx)
+        print(f"{opt.onnx}: ok ({s['pairs']} Q/DQ pairs, {s['groups']} shared-scale groups, "
+              f"{s['int8_convs']}/{s['convs']} convolutions INT8)")
+        return 0
+
+    raise SystemExit(run_cli(_main))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,480 @@
+"""The QAT stages end to end, shared by `train_qat.py` and `train.py --qat` (run_from_train).
+
+    FP32 checkpoint -> evaluate (FP32 row) -> quantize_model -> calibrate (calibration.md/json)
+    [-> --auto-skip: per-layer sensitivity, layers kept float, re-quantize + re-calibrate]
+    -> evaluate (PTQ row) -> finetune (QAT, evaluate every epoch) -> report.md / report.json
+
+Run directory runs/qat/<name>/: opt.yaml, calibration.md/json, weights/qat_best.pt (by mAP50-95)
+and weights/qat_last.pt (every epoch and every --save-period iterations; --resume continues from
+it; Ctrl-C writes it), report.md/json: FP32 vs PTQ vs QAT with deltas. `--epochs 0` stops after
+calibration and saves the post-training-quantized model as qat_best.pt.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qat.compat import UserError, attempt_load, init_seeds, load_checkpoint
+from qat.settings import CALIB_METHODS, QuantSettings
+from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path, yaml_load, yaml_save
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WEIGHTS = "weights/demo-gelan.pt"
+DEFAULT_DATA = "data/demo.yaml"
+DEFAULT_HYP = "data/hyps/hyp.qat.yaml"
+LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
+RANK = int(os.getenv("RANK", -1))
+WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
+METRICS = ("map", "map50", "mp", "mr")
+
+
+# --------------------------------------------------------------------------------------------------
+# Options (train_qat.py's CLI; train.py --qat takes the defaults for what its own CLI lacks)
+
+def add_common_args(p):
+    p.add_argument("--weights", type=str, default=DEFAULT_WEIGHTS, help="FP32 checkpoint to quantize")
+    p.add_argument("--data", type=str, default=DEFAULT_DATA, help="dataset.yaml path")
+    p.add_argument("--hyp", type=str, default=DEFAULT_HYP, help="loss gains (--loss det/both) and augmentation")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+                   help="image size (default: the checkpoint's training size, else 640)")
+    p.add_argument("--batch-size", type=int, default=16, help="total batch size for all ranks")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
+    p.add_argument("--project", default="runs/qat", help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    p.add_argument("--seed", type=int, default=0, help="global seed")
+    p.add_argument("--trusted", action="store_true", help="full pickle loading of --weights (files you trust)")
+    p.add_argument("--val-batches", type=int, default=0, help="evaluate on the first N val batches only (0: all)")
+    # quantization
+    p.add_argument("--weight-bits", type=int, default=8, help="8, or 7 for CPUs without VNNI (DESIGN.md section 5)")
+    p.add_argument("--calib-method", default="max", help=f"activation calibration: {' | '.join(CALIB_METHODS)}")
+    p.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-method percentile")
+    p.add_argument("--calib-batches", type=int, default=32, help="calibration batches (train images, all ranks)")
+    p.add_argument("--no-last-layer", action="store_true", help="keep the detection head (model.model[-1]) float")
+    p.add_argument("--skip-layers", nargs="+", default=[], metavar="REGEX",
+                   help="keep modules whose quantizer names match in float, e.g. '^model\\.22\\.'")
+    p.add_argument("--auto-skip", type=float, default=None, metavar="BUDGET",
+                   help="keep the fewest layers float so that mAP50-95 >= FP32 - BUDGET (per-layer sensitivity)")
+    return p
+
+
+def add_finetune_args(p):
+    p.add_argument("--epochs", type=int, default=10, help="QAT epochs (0: post-training quantization only)")
+    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch (0: one pass of the data)")
+    p.add_argument("--lr", type=float, default=1e-5, help="initial learning rate (cosine to lr * lrf)")
+    p.add_argument("--lrf", type=float, default=0.01, help="final learning rate fraction")
+    p.add_argument("--optimizer", default="SGD", help="SGD | Adam | AdamW")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / Adam beta1")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    p.add_argument("--loss", default="distill", help="distill (vs FP32, no labels) | det (labels) | both")
+    p.add_argument("--det-weight", type=float, default=1.0, help="--loss both: distill + det_weight * det")
+    p.add_argument("--supervision-stride", type=int, default=1, help="distill every N-th layer's output (+ head)")
+    p.add_argument("--save-period", type=int, default=100, help="also write qat_last.pt every N iterations")
+    p.add_argument("--augment", action="store_true", help="train-time augmentation from --hyp (default: none)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="continue a run from its qat_last.pt")
+    p.add_argument("--no-eval-origin", action="store_true", help="skip evaluating the FP32 model")
+    p.add_argument("--no-eval-ptq", action="store_true", help="skip evaluating the calibrated (PTQ) model")
+    return p
+
+
+def default_opt():
+    p = add_finetune_args(add_common_args(argparse.ArgumentParser()))
+    return p.parse_args([])
+
+
+def settings_from_opt(opt):
+    return QuantSettings(weight_bits=opt.weight_bits, calib_method=opt.calib_method, percentile=opt.percentile,
+                         no_last_layer=opt.no_last_layer, skip_layers=list(opt.skip_layers or []))
+
+
+def finetune_options(opt, save_dir, settings):
+    from qat.finetune import FinetuneOptions
+    return FinetuneOptions(epochs=opt.epochs, iters_per_epoch=opt.iters_per_epoch, lr=opt.lr, lrf=opt.lrf,
+                           optimizer=opt.optimizer, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                           loss=opt.loss, det_weight=opt.det_weight, supervision_stride=opt.supervision_stride,
+                           save_dir=Path(save_dir) / "weights", save_period=opt.save_period,
+                           settings=settings).validate()
+
+
+def check_opt(opt):
+    """Everything that can be wrong with the options alone, before anything is loaded."""
+    settings = settings_from_opt(opt)
+    finetune_options(opt, ".", settings)
+    if opt.batch_size < 1:
+        raise UserError(f"--batch-size {opt.batch_size} must be >= 1")
+    if opt.calib_batches < 1:
+        raise UserError(f"--calib-batches {opt.calib_batches} must be >= 1")
+    if opt.auto_skip is not None and not 0 <= opt.auto_skip < 1:
+        raise UserError(f"--auto-skip {opt.auto_skip}: the budget is an mAP50-95 difference in [0, 1), e.g. 0.001")
+    if WORLD_SIZE > 1 and opt.batch_size % WORLD_SIZE:
+        raise UserError(f"--batch-size {opt.batch_size} must be a multiple of the {WORLD_SIZE} DDP processes")
+    return settings
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+
+def _main_rank():
+    return RANK in (-1, 0)
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(obj):
+    """rank 0's value on every rank (identity without DDP)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+    return obj
+
+
+def load_data(data):
+    """check_dataset; the default demo data is generated the first time it is needed."""
+    if isinstance(data, dict):
+        return data
+    try:
+        return check_dataset(data)
+    except UserError:
+        if Path(data).resolve() != (ROOT / DEFAULT_DATA).resolve():
+            raise
+    if _main_rank():
+        from utils.demo_data import main as demo_data
+        LOGGER.info(f"{colorstr('data: ')}generating the demo dataset (python -m utils.demo_data --out datasets/demo)")
+        if demo_data(["--out", str(ROOT / "datasets/demo"), "--data", str(ROOT / DEFAULT_DATA)]):
+            raise UserError("could not generate the demo data: run python -m utils.demo_data --out datasets/demo")
+    _barrier()
+    return check_dataset(data)
+
+
+def load_fp32(weights, device, trusted=False):
+    """-> (fused FP32 model in eval mode, checkpoint's training opt dict)."""
+    weights = str(weights)
+    if not Path(weights).exists() and weights == DEFAULT_WEIGHTS:
+        raise UserError(f"{weights} not found: train the demo model first (python train.py --cfg "
+                        f"models/detect/gelan-t.yaml --data data/demo.yaml ...) or pass --weights")
+    ckpt = load_checkpoint(weights, trusted=trusted)
+    from qat.checkpoint import is_qat_checkpoint
+    if is_qat_checkpoint(ckpt):
+        LOGGER.warning(f"WARNING: {weights} is a QAT checkpoint: starting again from its FP32 weights "
+                       f"(use --resume to continue that run)")
+    ckpt_opt = ckpt.get("opt") if isinstance(ckpt.get("opt"), dict) else {}
+    del ckpt
+    model = attempt_load(weights, device=device, fuse=True, trusted=trusted)
+    return model.float().eval(), ckpt_opt
+
+
+def model_nc(model):
+    return int(getattr(model.model[-1], "nc", getattr(model, "nc", 0)))
+
+
+def check_nc(model, data, weights):
+    nc, ncm = int(data["nc"]), model_nc(model)
+    if ncm != nc:
+        raise UserError(f"{weights} predicts {ncm} classes but {data.get('yaml_file', 'the data')} has {nc}: "
+                        f"pass the --data the weights were trained on")
+
+
+def load_hyp(hyp):
+    if isinstance(hyp, dict):
+        return dict(hyp)
+    path = Path(hyp)
+    if not path.is_file() and (ROOT / hyp).is_file():
+        path = ROOT / hyp
+    if not path.is_file():
+        raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml such as {DEFAULT_HYP}")
+    d = yaml_load(path)
+    if not isinstance(d, dict):
+        raise UserError(f"--hyp {hyp} must hold a mapping of hyperparameters")
+    return d
+
+
+class FirstBatches:
+    """The first n batches of a DataLoader (n=0: all), with len() for progress bars."""
+
+    def __init__(self, loader, n=0):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n) if self.n else iter(self.loader)
+
+    def __len__(self):
+        return min(len(self.loader), self.n) if self.n else len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def make_loaders(data, imgsz, stride, opt, hyp, rank=-1):
+    """-> (train loader (this rank's shard), val loader or None (rank 0)). Arguments after `stride`
+    by keyword only, and only those upstream's create_dataloader has too."""
+    from utils.dataloaders import create_dataloader
+    bs = opt.batch_size // max(WORLD_SIZE, 1)
+    train = create_dataloader(data["train"], imgsz, bs, stride, hyp=hyp, augment=bool(opt.augment), rect=False,
+                              rank=rank, workers=opt.workers, shuffle=True, prefix=colorstr("train: "))[0]
+    val = None
+    if rank in (-1, 0):
+        val = create_dataloader(data["val"], imgsz, bs * 2, stride, hyp=hyp, augment=False, rect=True, rank=-1,
+                                workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "))[0]
+    return train, val
+
+
+def make_val_fn(data, val_loader, imgsz, batch_size, n_batches=0):
+    """model -> {'mp', 'mr', 'map50', 'map'} through val.run (upstream's signature)."""
+    import val as validate
+    loader = FirstBatches(val_loader, n_batches)
+
+    def val_fn(model):
+        results, _, _ = validate.run(data, batch_size=batch_size, imgsz=imgsz, model=model, dataloader=loader,
+                                     half=False, plots=False, save_dir=Path(""), compute_loss=None)
+        model.float()
+        return dict(zip(("mp", "mr", "map50", "map"), (float(x) for x in results[:4])))
+
+    return val_fn
+
+
+def quantize_and_calibrate(fp32, settings, loader, n_batches, device, save_dir=None):
+    """A quantized, calibrated copy of `fp32`; calibration tables in save_dir (rank 0)."""
+    from qat.calibrate import calibrate, write_summary
+    from qat.quantize import quantize_model
+    qmodel = quantize_model(deepcopy(fp32), settings)
+    n_groups = len(qmodel.qat["groups"])
+    LOGGER.info(f"{colorstr('quantize: ')}{settings}; {n_groups} groups of quantization points share one quantizer")
+    per_rank = math.ceil(n_batches / max(WORLD_SIZE, 1))
+    summary = calibrate(qmodel, FirstBatches(loader, per_rank), settings, device, show=_main_rank())
+    if save_dir is not None and _main_rank():
+        f = write_summary(summary, save_dir)
+        LOGGER.info(f"{colorstr('calibrate: ')}{per_rank} batches x {max(WORLD_SIZE, 1)} rank(s), "
+                    f"{settings.calib_method}; amax table {f}")
+    return qmodel
+
+
+def best_row(history):
+    rows = [h for h in history if "map" in h]
+    return max(rows, key=lambda h: h["map"]) if rows else None
+
+
+def write_report(rows, save_dir, title="QAT report"):
+    """FP32 vs PTQ vs QAT table (markdown + JSON), deltas against FP32; printed too."""
+    save_dir = Path(save_dir)
+    ref = rows.get("FP32")
+    table = []
+    for name, r in rows.items():
+        entry = {"model": name, **{k: r.get(k) for k in METRICS}}
+        if ref is not None:
+            entry.update({f"d_{k}": r[k] - ref[k] for k in METRICS if r.get(k) is not None})
+        table.append(entry)
+    (save_dir / "report.json").write_text(json.dumps(table, indent=1))
+    head = "| model | mAP50-95 | mAP50 | P | R |" + (" Δ mAP50-95 | Δ mAP50 | Δ P | Δ R |" if ref else "")
+    lines = [f"# {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for e in table:
+        cells = [e["model"]] + [f"{e[k]:.4f}" for k in METRICS]
+        if ref:
+            cells += [f"{e['d_' + k]:+.4f}" for k in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (save_dir / "report.md").write_text(text)
+    LOGGER.info("\n" + text)
+    return save_dir / "report.md"
+
+
+def _latest_last(project):
+    runs = sorted(Path(project).glob("*/weights/qat_last.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError(f"--resume: no */weights/qat_last.pt under {project}; pass the qat_last.pt to resume")
+    return runs[-1]
+
+
+def _plain_opt(opt):
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items() if k != "results"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+def run(opt, model=None, data_dict=None, device=None):
+    """Run the QAT pipeline with `opt` (train_qat.py's options). `model`: an FP32 model to start
+    from instead of --weights (train.py --qat); `data_dict`: an already checked data dict.
+    Returns {'save_dir', 'rows', 'history', 'best', 'last', 'settings'}."""
+    from qat.checkpoint import load_qat, save_qat
+    from qat.finetune import finetune
+    from utils.torch_utils import select_device
+
+    main = _main_rank()
+    resume = None
+    if opt.resume:
+        last = Path(_latest_last(opt.project) if opt.resume is True else opt.resume)
+        if not last.is_file():
+            raise UserError(f"--resume {opt.resume}: file not found; pass a run's weights/qat_last.pt")
+        resume = last
+        saved = load_checkpoint(last, trusted=opt.trusted).get("opt")
+        if not isinstance(saved, dict):
+            raise UserError(f"--resume {last}: the checkpoint holds no 'opt' to continue with")
+        keep = {k: getattr(opt, k) for k in ("device", "workers", "trusted")}
+        opt = argparse.Namespace(**{**vars(default_opt()), **saved, **keep, "resume": str(last),
+                                    "save_dir": str(last.parent.parent)})
+    settings = check_opt(opt)
+    device = device or select_device(opt.device, batch_size=opt.batch_size)
+    init_seeds(opt.seed + 1 + RANK)
+
+    if getattr(opt, "save_dir", None):
+        save_dir = Path(opt.save_dir)
+    else:
+        save_dir = _broadcast(str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)) if main else None)
+        save_dir = Path(save_dir)
+    opt.save_dir = str(save_dir)
+    wdir = save_dir / "weights"
+    if main:
+        wdir.mkdir(parents=True, exist_ok=True)
+        yaml_save(save_dir / "opt.yaml", _plain_opt(opt))
+
+    data = data_dict or load_data(opt.data)
+    if model is None:
+        fp32, ckpt_opt = load_fp32(opt.weights, device, opt.trusted)
+    else:
+        fp32, ckpt_opt = deepcopy(model).float().to(device), {}
+        fp32.fuse() if hasattr(fp32, "fuse") else None
+        fp32.eval()
+    check_nc(fp32, data, opt.weights)
+    stride = max(int(max(fp32.stride)), 32)
+    imgsz = check_img_size(int(opt.imgsz or ckpt_opt.get("imgsz") or 640), stride)
+    opt.imgsz = imgsz
+    hyp = load_hyp(opt.hyp)
+    fp32.hyp = hyp
+    train_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp, rank=LOCAL_RANK)
+    val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches) if main else None
+
+    def evaluate(m, label):
+        LOGGER.info(f"{colorstr('evaluate: ')}{label}")
+        return val_fn(m)
+
+    rows, history, fopts = {}, [], finetune_options(opt, save_dir, settings)
+    if resume is not None:
+        qmodel, settings, ckpt = load_qat(resume, device, trusted=opt.trusted)
+        fopts.settings = settings
+        rows = {k: v for k, v in (ckpt.get("rows") or {}).items() if k != "QAT"}
+        fopts.resume = {k: ckpt.get(k) for k in ("epoch", "iteration", "optimizer", "best_fitness", "history")}
+        if int(ckpt.get("epoch", 0)) >= opt.epochs and not ckpt.get("iteration"):
+            raise UserError(f"--resume {resume}: that run already finished its {opt.epochs} epochs")
+        LOGGER.info(f"{colorstr('resume: ')}{resume} at epoch {ckpt.get('epoch')}, iteration {ckpt.get('iteration')}")
+        del ckpt
+    else:
+        if main and not opt.no_eval_origin:
+            rows["FP32"] = evaluate(fp32, "FP32")
+        qmodel = quantize_and_calibrate(fp32, settings, train_loader, opt.calib_batches, device, save_dir)
+        if opt.auto_skip is not None:
+            settings = _auto_skip(opt, fp32, qmodel, settings, rows, evaluate, val_fn, save_dir)
+            fopts.settings = settings
+            if settings.skip_layers != list(opt.skip_layers):
+                qmodel = quantize_and_calibrate(fp32, settings, train_loader, opt.calib_batches, device, save_dir)
+            opt.skip_layers = settings.skip_layers
+        if main and not opt.no_eval_ptq:
+            rows["PTQ"] = evaluate(qmodel, "PTQ (calibrated, before QAT)")
+
+    fopts.extra = {"opt": _plain_opt(opt), "rows": rows}
+    if opt.epochs == 0:
+        if main:
+            extra = dict(fopts.extra, epoch=0, iteration=0, best_fitness=rows.get("PTQ", {}).get("map", 0.0))
+            save_qat(wdir / "qat_best.pt", qmodel, settings, extra)
+            save_qat(wdir / "qat_last.pt", qmodel, settings, extra)
+    else:
+        history = finetune(qmodel, fp32, train_loader, val_fn, fopts)
+        best = best_row(history)
+        if best is not None:
+            rows["QAT"] = {k: best[k] for k in METRICS}
+            rows["QAT"]["epoch"] = best["epoch"]
+    if main:
+        (save_dir / "history.json").write_text(json.dumps(history, indent=1))
+        if rows:
+            write_report(rows, save_dir)
+        LOGGER.info(f"{colorstr('QAT: ')}results in {save_dir}; weights {wdir / 'qat_best.pt'}")
+    _barrier()
+    return {"save_dir": save_dir, "rows": rows, "history": history, "best": wdir / "qat_best.pt",
+            "last": wdir / "qat_last.pt", "settings": settings, "model": qmodel}
+
+
+def _auto_skip(opt, fp32, qmodel, settings, rows, evaluate, val_fn, save_dir):
+    """Rank 0 ranks layers and picks the float set; every rank gets the new settings."""
+    from qat.sensitivity import auto_skip, layer_sensitivity, skip_regex, write_sensitivity
+    skip = None
+    if _main_rank():
+        fp32_map = rows["FP32"]["map"] if "FP32" in rows else evaluate(fp32, "FP32 (for --auto-skip)")["map"]
+        base, ranked = layer_sensitivity(qmodel, val_fn)
+        layers, reached, _ = auto_skip(qmodel, ranked, val_fn, fp32_map, opt.auto_skip, base_map=base)
+        skip = {"budget": opt.auto_skip, "layers": layers, "map": reached}
+        write_sensitivity(save_dir, fp32_map, base, ranked, skip)
+        LOGGER.info(f"{colorstr('auto-skip: ')}layers {layers} stay float -> mAP50-95 {reached:.4f} "
+                    f"(FP32 {fp32_map:.4f}, budget {opt.auto_skip})")
+    skip = _broadcast(skip)
+    extra = [skip_regex(i) for i in skip["layers"] if skip_regex(i) not in settings.skip_layers]
+    return QuantSettings.from_dict({**settings.to_dict(), "skip_layers": settings.skip_layers + extra})
+
+
+def run_sensitivity(opt):
+    """`train_qat.py sensitive`: rank layers by the mAP50-95 they recover when kept float
+    (sensitivity.md/json in runs/qat/<name>/), and with --auto-skip the float set for a budget."""
+    from qat.sensitivity import auto_skip, layer_sensitivity, write_sensitivity
+    from utils.torch_utils import select_device
+
+    if WORLD_SIZE > 1:
+        raise UserError("train_qat.py sensitive runs in one process: start it without torchrun")
+    settings = check_opt(opt)
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    init_seeds(opt.seed)
+    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
+    data = load_data(opt.data)
+    fp32, ckpt_opt = load_fp32(opt.weights, device, opt.trusted)
+    check_nc(fp32, data, opt.weights)
+    stride = max(int(max(fp32.stride)), 32)
+    imgsz = check_img_size(int(opt.imgsz or ckpt_opt.get("imgsz") or 640), stride)
+    hyp = load_hyp(opt.hyp)
+    train_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp)
+    val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches)
+    fp32_map = val_fn(fp32)["map"]
+    qmodel = quantize_and_calibrate(fp32, settings, train_loader, opt.calib_batches, device, save_dir)
+    base, ranked = layer_sensitivity(qmodel, val_fn)
+    skip = None
+    if opt.auto_skip is not None:
+        layers, reached, _ = auto_skip(qmodel, ranked, val_fn, fp32_map, opt.auto_skip, base_map=base)
+        skip = {"budget": opt.auto_skip, "layers": layers, "map": reached}
+    f = write_sensitivity(save_dir, fp32_map, base, ranked, skip)
+    LOGGER.info("\n" + f.read_text())
+    return {"save_dir": save_dir, "fp32_map": fp32_map, "quantized_map": base, "ranked": ranked, "auto_skip": skip}
+
+
+# --------------------------------------------------------------------------------------------------
+# train.py --qat
+
+def run_from_train(model, opt, hyp, data_dict, device):
+    """The hook train.py calls with `--qat` once its model is built and loaded (ours and, through
+    patches/install.py, upstream's). The QAT options not on train.py's CLI take train_qat.py's
+    defaults; --epochs, --imgsz, --batch-size, --workers, --seed, --device and the run folder are
+    train.py's. Returns train()'s results tuple (P, R, mAP50, mAP50-95, 0, 0, 0) of the best QAT model."""
+    qopt = default_opt()
+    for k in ("data", "imgsz", "batch_size", "epochs", "workers", "seed", "device", "save_dir", "trusted"):
+        if hasattr(opt, k):
+            setattr(qopt, k, getattr(opt, k))
+    qopt.weights = str(getattr(opt, "weights", "") or "")
+    qopt.hyp = dict(hyp)
+    for k in vars(qopt):  # train.py may have been given QAT options too (ours does not define them)
+        if k.startswith(("calib_", "weight_bits", "no_last_layer", "skip_layers", "loss", "iters_per_epoch")) \
+                and hasattr(opt, k):
+            setattr(qopt, k, getattr(opt, k))
+    try:
+        result = run(qopt, model=model, data_dict=data_dict, device=device)
+    except UserError as e:  # upstream's main() has no run_cli
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    r = result["rows"].get("QAT") or result["rows"].get("PTQ") or {}
+    return (r.get("mp", 0.0), r.get("mr", 0.0), r.get("map50", 0.0), r.get("map", 0.0), 0.0, 0.0, 0.0)

@@ -1,0 +1,143 @@
+"""Small quantized models and their ONNX exports, shared by the tests of qat.export / graph / lint /
+deploy and val_trt.py. Each artifact is built once per test process (exports take seconds)."""
+import atexit
+import shutil
+import tempfile
+import warnings
+from copy import deepcopy
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+IMGSZ = 64
+NC = 6
+NAMES = ["circle", "rectangle", "triangle", "star", "cross", "ring"]  # utils.demo_data classes
+_TMP = Path(tempfile.mkdtemp(prefix="qat-testkit-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+
+
+def tiny_cfg():
+    """A micro GELAN with every structure the rules cover (ELAN1, RepNCSPELAN4 + RepNCSP + residual
+    Add, AConv, ADown with its MaxPool, SPPELAN, Upsample + Concat neck, 3-level DDetect) and a
+    graph small enough to export in a few seconds."""
+    return {"nc": NC, "depth_multiple": 1.0, "width_multiple": 1.0,
+            "backbone": [[-1, 1, "Conv", [16, 3, 2]],  # 0-P1/2
+                         [-1, 1, "Conv", [32, 3, 2]],  # 1-P2/4
+                         [-1, 1, "ELAN1", [32, 32, 16]],  # 2
+                         [-1, 1, "AConv", [48]],  # 3-P3/8
+                         [-1, 1, "RepNCSPELAN4", [48, 48, 24, 1]],  # 4
+                         [-1, 1, "ADown", [64]],  # 5-P4/16
+                         [-1, 1, "RepNCSPELAN4", [64, 64, 32, 1]],  # 6
+                         [-1, 1, "AConv", [96]],  # 7-P5/32
+                         [-1, 1, "SPPELAN", [96, 48]]],  # 8
+            "head": [[-1, 1, "nn.Upsample", [None, 2, "nearest"]],  # 9
+                     [[-1, 6], 1, "Concat", [1]],  # 10
+                     [-1, 1, "ELAN1", [64, 64, 32]],  # 11
+                     [[4, 11, 8], 1, "DDetect", ["nc"]]]}  # 12
+
+
+def _smooth_init(model, seed):
+    """Random weights that behave like a trained net's: BN statistics spread, conv gain below one
+    (so a rounding difference in one layer fades instead of growing through 20 layers), class
+    biases spread so that some boxes score above 0.25."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) * 1.5 - 0.5)
+            elif isinstance(m, nn.Conv2d) and m.weight.requires_grad:
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5 * (2.0 / fan_in) ** 0.5)
+        head = model.model[-1]
+        for seq in head.cv3:
+            seq[-1].bias.copy_(torch.rand(seq[-1].bias.shape, generator=g) * 8 - 6)
+            seq[-1].weight.mul_(8)
+    return model
+
+
+@lru_cache(maxsize=None)
+def _fp32(seed=0):
+    from models.yolo import DetectionModel
+
+    torch.manual_seed(seed)
+    m = DetectionModel(tiny_cfg(), nc=NC)
+    m.names = list(NAMES)
+    return _smooth_init(m, seed).fuse().eval()
+
+
+def fp32_model(seed=0):
+    return deepcopy(_fp32(seed))
+
+
+def calib_batches(n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(2, 3, IMGSZ, IMGSZ, generator=g) for _ in range(n)]
+
+
+def images(n=2, seed=2):
+    return torch.rand(n, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(seed))
+
+
+@lru_cache(maxsize=None)
+def _qat(no_last_layer=False, weight_bits=8):
+    from qat.calibrate import calibrate
+    from qat.quantize import quantize_model
+    from qat.settings import QuantSettings
+
+    settings = QuantSettings(no_last_layer=no_last_layer, weight_bits=weight_bits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = quantize_model(fp32_model(), settings)
+        calibrate(m, calib_batches(), settings, show=False)
+    return m.eval()
+
+
+def qat_model(no_last_layer=False, weight_bits=8):
+    """A quantized + calibrated copy (qat.quantize_model with the rules)."""
+    return deepcopy(_qat(no_last_layer, weight_bits))
+
+
+@lru_cache(maxsize=None)
+def _onnx(kind):
+    from qat.export import export_qat_onnx
+    from qat.graph import postprocess
+
+    path = _TMP / f"{kind}.onnx"
+    if kind == "fp32":
+        export_qat_onnx(fp32_model(), path, IMGSZ, batch_size=2)
+    elif kind == "qat_raw":  # as torch.onnx wrote it, before qat.graph
+        export_qat_onnx(_qat(), path, IMGSZ, batch_size=2, postprocess=False)
+    elif kind == "qat":
+        shutil.copy(_onnx("qat_raw"), path)
+        postprocess(path)
+    elif kind == "qat_w7":
+        export_qat_onnx(_qat(weight_bits=7), path, IMGSZ, batch_size=2)
+    elif kind == "e2e_onnx":
+        export_qat_onnx(_qat(), path, IMGSZ, batch_size=2, end2end=True, nms="onnx", conf_thres=0.25)
+    elif kind == "e2e_trt":  # the plugin node does not depend on quantization: the fast FP32 model
+        export_qat_onnx(fp32_model(), path, IMGSZ, batch_size=1, end2end=True, nms="tensorrt", max_det=50)
+    else:
+        raise KeyError(kind)
+    return path
+
+
+def onnx_path(kind, dest=None):
+    """Path of an export of kind fp32 | qat_raw | qat | qat_w7 | e2e_onnx | e2e_trt, built once per
+    process; copied into the folder `dest` when given (for a test that changes the file)."""
+    p = _onnx(kind)
+    if dest is None:
+        return p
+    out = Path(dest) / p.name
+    shutil.copy(p, out)
+    return out
+
+
+def export_mode(model):
+    """The model with its head in export mode: forward -> (B, 4+nc, anchors)."""
+    model.model[-1].export = True
+    return model

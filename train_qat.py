@@ -1,0 +1,95 @@
+"""Quantization-aware training of a YOLOv9 / GELAN model, quantized the way TensorRT runs it.
+
+    python train_qat.py                                          # demo checkpoint + demo data
+    python train_qat.py --weights yolov9-c-converted.pt --data data/coco.yaml --imgsz 640
+    python train_qat.py --weights best.pt --data data.yaml --epochs 0              # PTQ only
+    python train_qat.py --weights best.pt --data data.yaml --weight-bits 7         # CPUs without VNNI
+    python train_qat.py --resume                                 # continue the latest run
+    torchrun --nproc_per_node 2 train_qat.py --weights best.pt --data data.yaml   # DDP
+    python train_qat.py sensitive --weights best.pt --data data.yaml [--auto-skip 0.001]
+
+Stages (qat/pipeline.py): evaluate FP32 -> insert Q/DQ quantizers with shared scales (qat.quantize,
+qat.rules) -> calibrate (qat.calibrate) -> evaluate PTQ -> fine-tune with self-distillation
+against the FP32 model (qat.finetune) -> FP32 vs PTQ vs QAT report. Results in runs/qat/<name>/:
+weights/qat_best.pt (by mAP50-95), weights/qat_last.pt, calibration.md/json, report.md/json.
+Export the result with export_qat.py.
+"""
+import argparse
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from qat.compat import UserError, run_cli  # noqa: E402
+from qat.pipeline import add_common_args, add_finetune_args, run, run_sensitivity  # noqa: E402
+
+LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
+WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
+
+
+def parse_opt(argv=None):
+    """`[sensitive] [options]` -> Namespace with `command` = 'qat' or 'sensitive'."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "qat"
+    if argv and argv[0] == "sensitive":
+        command, argv = "sensitive", argv[1:]
+    p = argparse.ArgumentParser(prog="train_qat.py" + (" sensitive" if command == "sensitive" else ""),
+                                description="YOLOv9 quantization-aware training (TensorRT-style INT8 Q/DQ)")
+    add_common_args(p)
+    if command == "qat":
+        add_finetune_args(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    opt = p.parse_args(argv)
+    opt.command = command
+    return opt
+
+
+def _setup_ddp(opt):
+    """torchrun: one process per device, NCCL on CUDA, gloo on CPU; rank 0 validates while others wait."""
+    from utils.torch_utils import select_device
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    if LOCAL_RANK == -1:
+        return device
+    if device.type == "cuda":
+        if torch.cuda.device_count() <= LOCAL_RANK:
+            raise UserError(f"torchrun started {WORLD_SIZE} processes but only {torch.cuda.device_count()} "
+                            f"CUDA device(s) are visible")
+        torch.cuda.set_device(LOCAL_RANK)
+        device = torch.device("cuda", LOCAL_RANK)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    return device
+
+
+def main(opt):
+    if opt.command == "sensitive":
+        return run_sensitivity(opt)
+    device = _setup_ddp(opt)
+    try:
+        return run(opt, device=device)
+    finally:
+        if LOCAL_RANK != -1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_api(**kwargs):
+    """Python entry point: `train_qat.run_api(weights=..., data=..., epochs=1)`; keyword names are the
+    CLI's long options with '_' for '-' (command='sensitive' for the sensitivity analysis)."""
+    opt = parse_opt(["sensitive"] if kwargs.pop("command", "qat") == "sensitive" else [])
+    unknown = [k for k in kwargs if not hasattr(opt, k)]
+    if unknown:
+        raise UserError(f"train_qat.run_api: unknown option(s) {', '.join(unknown)}")
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    return main(opt)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_opt()))
