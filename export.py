@@ -9,7 +9,6 @@ boxes in input pixels and class scores, as upstream's export. A dual-head (train
 main head only. `export_onnx()` is model-agnostic and reused by the QAT exporter.
 """
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -102,11 +101,11 @@ def export_onnx(model, path, imgsz, batch_size=1, dynamic=False, opset=17, simpl
         _simplify(path)
     onnx_model = onnx.load(str(path))
     onnx.checker.check_model(onnx_model)
-    # upstream's metadata: lets a runtime recover stride and class names from the file alone
+    # upstream's metadata (str() of int and dict: upstream reads it back with eval): stride and class names
     names = getattr(model, "names", None)
     names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else names
     stride = getattr(model, "stride", None)
-    meta = {"stride": int(max(stride)) if stride is not None else 32, "names": json.dumps(names or {})}
+    meta = {"stride": int(max(stride)) if stride is not None else 32, "names": names or {}}
     for k, v in meta.items():
         onnx_model.metadata_props.add(key=k, value=str(v))
     onnx.save(onnx_model, str(path))

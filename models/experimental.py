@@ -113,9 +113,9 @@ def _file_globals(path):
 
 def _refused(weights, names):
     names = list(dict.fromkeys(names))  # unique, in order
-    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-    return UserError(f"weights '{weights}' needs global '{names[0]}'{more} which is not on the safe-load allow-list "
-                     f"(nothing was executed); if you trust this file, pass --trusted")
+    shown = ", ".join(f"'{n}'" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return UserError(f"weights '{weights}' needs global{'s' if len(names) > 1 else ''} {shown}, not on the safe-load "
+                     f"allow-list (nothing was executed); if you trust this file, pass --trusted")
 
 
 def _first_sentence(e):

@@ -266,19 +266,23 @@ class DetectionModel(BaseModel):
             m.bias_init()
         initialize_weights(self)
 
-    def _head_strides(self, ch, s=256):
-        """Head input strides from a forward of an s x s image, as upstream computes them, but run on
-        the meta device (shapes only): building gelan-e costs no 256 px forward pass."""
-        meta = {k: torch.empty_like(v, device="meta") for k, v in (*self.named_parameters(), *self.named_buffers())}
+    @torch.no_grad()
+    def _head_strides(self, ch):
+        """Head input strides (input size / feature map size), as upstream measures them with a forward
+        pass of a 256 px image. Here the image is as small as gives every level at least 2x2 cells (64 px
+        for P3-P5), in eval mode so no BatchNorm statistics change: building gelan-e costs a 64 px forward
+        instead of a 256 px one. The head stays in train mode (raw maps, no anchors cached on it)."""
         training = self.training
-        self.eval()  # eval-mode BatchNorm is much cheaper on meta; the head stays in train mode: raw maps,
-        self.model[-1].train()  # and no (meta) anchors cached on it
+        self.eval()
+        self.model[-1].train()
         try:
-            with torch.no_grad():
-                out = torch.func.functional_call(self, meta, (torch.zeros(1, ch, s, s, device="meta"),))
+            for s in (64, 128, 256, 512):
+                out = self.forward(torch.zeros(1, ch, s, s))
+                feats = out[0] if isinstance(self.model[-1], DualDDetect) else out
+                if min(x.shape[-2] for x in feats) >= 2:
+                    break
         finally:
             self.train(training)
-        feats = out[0] if isinstance(self.model[-1], DualDDetect) else out
         return torch.tensor([s / x.shape[-2] for x in feats])
 
     def forward(self, x, augment=False, profile=False, visualize=False):

@@ -175,8 +175,9 @@ class OpenVINOBackend(Backend):
     name = "openvino"
 
     def __init__(self, path, threads=None, uint8=True, vnni=None, device="CPU", precision="f32", names=None,
-                 strides=None, model=None):
-        """model: an already prepared onnx.ModelProto (else read from path); vnni: None = detect."""
+                 strides=None, model=None, input_shape=None, hint="LATENCY"):
+        """model: an onnx.ModelProto to use instead of reading `path`; vnni: None = detect;
+        input_shape: (B, 3, H, W) to fix a dynamic-shape file to (OpenVINO then folds the shape math)."""
         try:
             import openvino as ov
         except ImportError:
@@ -213,7 +214,9 @@ class OpenVINOBackend(Backend):
             f = Path(tmp) / "model.onnx"
             onnx.save(onnx_model, str(f))
             self.ov_model = core.read_model(str(f))
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if input_shape is not None:
+            self.ov_model.reshape({self.ov_model.inputs[0].get_any_name(): list(input_shape)})
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.threads, self.precision = threads, precision

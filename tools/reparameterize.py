@@ -156,13 +156,12 @@ def default_cfg(dual):
 
 def run(weights, cfg=None, out=None, trusted=False):
     """Reparameterize `weights` and write upstream's converted layout atomically. Returns the output path."""
-    ckpt = load_checkpoint(weights, trusted=trusted)
-    dual = model_from_checkpoint(ckpt, fuse=False)
-    cfg = cfg or default_cfg(dual)
-    single = reparameterize_model(dual, cfg)
     out = Path(out) if out else Path(weights).with_name(f"{Path(weights).stem}-converted.pt")
     if out.resolve() == Path(weights).resolve():
         raise UserError(f"--out {out} would overwrite --weights; choose another file name")
+    ckpt = load_checkpoint(weights, trusted=trusted)
+    dual = model_from_checkpoint(ckpt, fuse=False)
+    single = reparameterize_model(dual, cfg or default_cfg(dual))
     save_atomic({"model": single.half(), "optimizer": None, "best_fitness": None, "ema": None, "updates": None,
                  "opt": None, "git_hash": None, "date": None, "epoch": -1}, out)
     LOGGER.info(f"reparameterize: saved {out} ({file_size(out):.1f} MB)")

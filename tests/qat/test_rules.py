@@ -1,0 +1,169 @@
+"""qat.rules + qat.quantize: the shared-scale groups of DESIGN.md section 3 on the real configs.
+
+Each group shares ONE quantizer object (so calibration gives one amax); the members are checked
+concretely per block type, and a user's own yaml with another arrangement is covered as well."""
+import warnings
+
+import pytest
+import torch
+
+from models.common import ADown, CBFuse, Concat, ELAN1, RepNBottleneck, RepNCSP, RepNCSPELAN4, SPPELAN
+from qat.calibrate import calibrate
+from qat.modules import QuantConv2d, QuantUpsample, WeightQuantizer
+from qat.quantize import quantize_model, quantizer_summary
+from qat.rules import quantizer_slots, shared_groups
+from qat.settings import QuantSettings
+from qat_models import NC, fp32_model, images
+
+warnings.filterwarnings("ignore", message=".*histogram.*")
+
+
+def _iq(conv_module):
+    """Input quantizer of a Conv (Conv.conv) or of a plain QuantConv2d."""
+    conv = conv_module.conv if hasattr(conv_module, "conv") else conv_module
+    assert isinstance(conv, QuantConv2d)
+    return conv.input_quantizer
+
+
+def _first_iq(layer):
+    """Input quantizer of a layer's first convolution (Conv, or a block's cv1)."""
+    return _iq(layer.cv1) if hasattr(layer, "cv1") else _iq(layer)
+
+
+def _check_blocks(model):
+    """Concrete members of every group type present in the model; returns the types seen."""
+    seen = set()
+    layers = list(model.model)
+    for m in model.modules():
+        if isinstance(m, RepNCSPELAN4):  # chunks + cv2/cv3 outputs + cv4 input, and half2's readers
+            q = m.cat_quantizer
+            assert q is _iq(m.cv4) and q is _iq(m.cv2[0].cv1) and q is _iq(m.cv2[0].cv2)
+            assert q is _iq(m.cv3[0].cv1) and q is _iq(m.cv3[0].cv2)
+            seen.add("RepNCSPELAN4")
+        elif isinstance(m, ELAN1):
+            assert m.cat_quantizer is _iq(m.cv4) and m.cat_quantizer is _iq(m.cv2) and m.cat_quantizer is _iq(m.cv3)
+            seen.add("ELAN1")
+        elif isinstance(m, RepNCSP):
+            assert m.cat_quantizer is _iq(m.cv3)
+            assert _iq(m.cv1) is _iq(m.cv2)  # one tensor read by two convolutions
+            seen.add("RepNCSP")
+        elif isinstance(m, RepNBottleneck) and m.add:
+            assert m.add_quantizer is _iq(m.cv1.conv)
+            seen.add("RepNBottleneck")
+        elif isinstance(m, ADown):
+            q = m.pool_quantizer
+            assert q is _iq(m.cv1) and q is m.maxpool_quantizer and q is _iq(m.cv2)
+            seen.add("ADown")
+        elif isinstance(m, SPPELAN):
+            q = m.cat_quantizer
+            assert q is _iq(m.cv5) and all(q is sp.m.input_quantizer for sp in (m.cv2, m.cv3, m.cv4))
+            seen.add("SPPELAN")
+    for i, m in enumerate(layers):
+        if isinstance(m, Concat):  # neck: Upsample input, both Concat inputs, the consumer's input
+            consumer = layers[i + 1]
+            assert consumer.f == -1
+            assert m.input_quantizer is _first_iq(consumer)
+            ups = [layers[j] for j in m.f if j != -1 and isinstance(layers[j], QuantUpsample)]
+            ups += [layers[i - 1]] if isinstance(layers[i - 1], QuantUpsample) else []
+            for u in ups:
+                assert u.input_quantizer is m.input_quantizer
+            seen.add("Concat")
+        elif isinstance(m, CBFuse):  # the elementwise sum: one scale, the consumer's
+            assert m.add_quantizer is _first_iq(layers[i + 1])
+            seen.add("CBFuse")
+    return seen
+
+
+EXPECTED = {
+    "gelan-t": {"RepNCSPELAN4", "ELAN1", "RepNCSP", "RepNBottleneck", "SPPELAN", "Concat"},
+    "gelan-c": {"RepNCSPELAN4", "RepNCSP", "RepNBottleneck", "ADown", "SPPELAN", "Concat"},
+    "gelan-e": {"RepNCSPELAN4", "RepNCSP", "RepNBottleneck", "ADown", "SPPELAN", "Concat", "CBFuse"},
+    "yolov9-c": {"RepNCSPELAN4", "RepNCSP", "RepNBottleneck", "ADown", "SPPELAN", "Concat", "CBFuse"},
+}
+
+
+@pytest.mark.parametrize("cfg", ["gelan-t", "gelan-c", "gelan-e", "yolov9-c"])
+def test_groups_share_one_quantizer(cfg):
+    model = quantize_model(fp32_model(cfg), QuantSettings())
+    assert _check_blocks(model) == EXPECTED[cfg]
+
+    slots = {name: q for name, _, _, q in quantizer_slots(model)}
+    groups = model.qat["groups"]
+    assert groups and shared_groups(model) == groups  # re-tracing the quantized model finds the same groups
+    for g in groups:
+        assert len({id(slots[n]) for n in g}) == 1
+    # every conv except the DFL's constant kernel: per-tensor input, per-channel (axis 0) weight
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and ".dfl" not in name:
+            assert isinstance(m, QuantConv2d), name
+            assert m.input_quantizer.axis is None and m.weight_quantizer.axis == 0
+            assert isinstance(m.weight_quantizer, WeightQuantizer)
+
+    calibrate(model, [images(1)], show=False)
+    rows = quantizer_summary(model)
+    amax = {n: r["amax"] for r in rows for n in r["members"]}
+    for g in groups:  # identical amax for all members, and every enabled activation quantizer calibrated
+        assert len({amax[n] for n in g}) == 1 and amax[g[0]] > 0
+    assert all(r["amax"] is not None for r in rows if r["enabled"])
+
+
+def test_group_amax_is_the_max_over_its_tensors():
+    """max calibration of a shared quantizer = max |x| over every tensor of the group (here the
+    RepNCSPELAN4 concat: cv4's input) measured on the FP32 model."""
+    fp32 = fp32_model("gelan-t")
+    q = quantize_model(fp32_model("gelan-t"), QuantSettings())
+    x = images(2)
+    seen = {}
+    h = fp32.model[4].cv4.conv.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].abs().max()))
+    with torch.no_grad():
+        fp32(x)
+    h.remove()
+    calibrate(q, [x], show=False)
+    assert torch.allclose(q.model[4].cv4.conv.input_quantizer.amax, seen["x"])
+
+
+def test_users_own_yaml():
+    """No layer tables: another arrangement (three-way neck Concat, top-level MaxPool, RepNCSP as a
+    layer, ADown) gets its groups from the same tracing."""
+    from models.yolo import DetectionModel
+
+    cfg = {"nc": NC, "depth_multiple": 1.0, "width_multiple": 1.0,
+           "backbone": [[-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [32, 3, 2]], [-1, 1, "ELAN1", [32, 32, 16]],
+                        [-1, 1, "ADown", [64]], [-1, 1, "RepNCSP", [64, 1]], [-1, 1, "nn.MaxPool2d", [3, 2, 1]],
+                        [-1, 1, "Conv", [64, 3, 1]]],
+           "head": [[-1, 1, "nn.Upsample", [None, 2, "nearest"]], [[-1, 4, 3], 1, "Concat", [1]],
+                    [-1, 1, "RepNCSPELAN4", [64, 64, 32, 1]], [-1, 1, "ADown", [64]], [[-1, 6], 1, "Concat", [1]],
+                    [-1, 1, "SPPELAN", [64, 32]], [[9, 12], 1, "DDetect", [NC]]]}
+    model = DetectionModel(cfg, nc=NC).fuse().eval()
+    q = quantize_model(model, QuantSettings())
+    L = q.model
+    # layer 6's output feeds the Upsample and the second Concat; layers 4 and 3 meet it in the 3-way
+    # Concat; layer 4's output also feeds the MaxPool, whose output (same scale) feeds layer 6; layer 3
+    # is read by RepNCSP's cv1 and cv2; ADown 10's output meets layer 6 in Concat 11: one tensor class
+    shared = L[7].input_quantizer
+    members = [L[8].input_quantizer, L[9].cv1.conv.input_quantizer, L[5].input_quantizer,
+               L[6].conv.input_quantizer, L[4].cv1.conv.input_quantizer, L[4].cv2.conv.input_quantizer,
+               L[3].cat_quantizer, L[11].input_quantizer, L[12].cv1.conv.input_quantizer, L[10].cat_quantizer]
+    assert all(m is shared for m in members)
+    # the avg-pool output is a new tensor: ADown 10's own group; RepNCSPELAN4's concat is internal
+    assert L[10].pool_quantizer is L[10].cv2.conv.input_quantizer is L[10].maxpool_quantizer
+    assert L[10].pool_quantizer is not shared and L[9].cat_quantizer is not shared
+    assert L[9].cat_quantizer is L[9].cv4.conv.input_quantizer
+    calibrate(q, [images(1)], show=False)
+
+
+def test_no_last_layer_and_skip_layers():
+    head = "model.22."
+    q = quantize_model(fp32_model("gelan-t"), QuantSettings(no_last_layer=True, skip_layers=[r"^model\.12\."]))
+    rows = quantizer_summary(q)
+    for name, _, _, quantizer in quantizer_slots(q):
+        if name.startswith(head) or name.startswith("model.12."):
+            assert quantizer._disabled, name
+    enabled = [n for r in rows if r["enabled"] for n in r["members"]]
+    assert not any(n.startswith((head, "model.12.")) for n in enabled)
+    # the neck group loses only layer 12's member: its neighbours stay quantized, sharing one quantizer
+    assert q.model[10].input_quantizer is q.model[11].input_quantizer is q.model[20].input_quantizer
+    assert not q.model[10].input_quantizer._disabled
+    assert q.model[12].cv1.conv.input_quantizer is not q.model[10].input_quantizer
+    calibrate(q, [images(1)], show=False)
+    assert all(quantizer.amax is None for name, _, _, quantizer in quantizer_slots(q) if name.startswith(head))
