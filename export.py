@@ -48,11 +48,12 @@ def _simplify(path):
     onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
 
 
-def export_onnx(model, path, imgsz, batch_size=1, dynamic=False, opset=17, simplify=False):
+def export_onnx(model, path, imgsz, batch_size=1, dynamic=False, opset=17, simplify=False, **onnx_kwargs):
     """Export `model` (an eval-ready nn.Module whose last layer is a DDetect / DualDDetect head) to ONNX.
 
     `imgsz`: int or (h, w). Input `images` (B, 3, h, w) float 0-1, output `output0` (B, 4+nc, anchors).
     `dynamic`: batch, height and width become dynamic axes (anchors are then computed in the graph).
+    `onnx_kwargs` go to torch.onnx.export (e.g. do_constant_folding=False), for exporters built on this.
     The head's export/dynamic flags are set only for the export and restored afterwards, so the caller's
     model (fused FP32 or quantized) is left as it was. Returns the Path written."""
     import onnx
@@ -88,8 +89,10 @@ def export_onnx(model, path, imgsz, batch_size=1, dynamic=False, opset=17, simpl
         path.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # shape checks traced as constants
-            torch.onnx.export(model, im, str(path), opset_version=opset, do_constant_folding=True,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes, dynamo=False)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # TorchScript exporter: chosen on purpose
+            kwargs = dict(opset_version=opset, do_constant_folding=True, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes=axes, dynamo=False)
+            torch.onnx.export(model, im, str(path), **{**kwargs, **onnx_kwargs})
     finally:
         for hk in hooks:
             hk.remove()

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.general import LOGGER, UserError, check_img_size, colorstr, file_size, print_args, run_cli  # noqa: E402
+from qat.compat import UserError, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
+from utils.general import LOGGER, check_img_size, colorstr, file_size, print_args  # noqa: E402
 
 
 def _drop_head_quantizers(model):
@@ -46,8 +47,8 @@ def _drop_head_quantizers(model):
 def load_for_export(weights, device="cpu", no_last_layer=False, trusted=False):
     """(model, is_qat): a QAT checkpoint -> the quantized model (qat.checkpoint.load_qat); a plain
     one -> the fused FP32 model."""
-    from models.experimental import attempt_load, load_checkpoint
     from qat.checkpoint import is_qat_checkpoint, load_qat
+    from qat.compat import attempt_load, load_checkpoint
 
     ckpt = load_checkpoint(weights, trusted=trusted)
     if is_qat_checkpoint(ckpt):

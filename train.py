@@ -9,13 +9,19 @@
 A run writes runs/train/<name>/: hyp.yaml, opt.yaml, results.csv (+ .json, .md, .png) and weights/
 last.pt, best.pt (full state: model, ema, optimizer; resumable) and last_striped.pt, best_striped.pt
 (EMA weights in FP16 only, for deployment), all written atomically and readable by the safe loader.
+
+Differences from upstream: `warmup_epochs: 0` turns warmup off (upstream still warms up for 100
+iterations); --close-mosaic N drops mosaic for every epoch from `epochs - N` on (also after a
+resume); --resume keeps this command's --device and --workers and drops results.csv rows of the
+epochs it trains again. AMP (torch.amp, fp16 + GradScaler) is used on CUDA only.
+On a busy shared CPU, OMP_NUM_THREADS=1 can be much faster than two spinning threads.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
+import warnings
 from copy import deepcopy
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -66,7 +72,7 @@ def load_hyp(hyp):
     """Hyperparameters from a yaml path or a dict -> dict; missing or non-numeric keys are UserErrors."""
     if isinstance(hyp, (str, Path)):
         if not Path(hyp).is_file():
-            raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml such as data/hyps/hyp.scratch-high.yaml")
+            raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml, e.g. data/hyps/hyp.scratch-high.yaml")
         hyp = yaml_load(hyp)
     if not isinstance(hyp, dict):
         raise UserError("--hyp must be a yaml file holding a mapping of hyperparameters")
@@ -229,15 +235,18 @@ def train(hyp, opt, device, callbacks):
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
 
+    # QAT (issues 4-5): `--qat` hands the loaded FP32 model to qat.pipeline (the code train_qat.py
+    # runs) and returns its results instead of running the FP32 loop below (DDP is set up by main()).
+    if getattr(opt, "qat", False):
+        from qat.pipeline import run_from_train
+        return run_from_train(model, opt=opt, hyp=hyp, data_dict=data_dict, device=device)
+
     # Data
     train_loader, dataset, val_loader = build_dataloaders(data_dict, imgsz, batch_size, gs, hyp, opt)
     labels = np.concatenate(dataset.labels, 0)
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise UserError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}: "
                         f"class labels must be 0-{nc - 1}")
-
-    # QAT (issues 4-5): `--qat` hands `model` (weights loaded, on `device`) with these loaders to
-    # qat.pipeline at this point, instead of the FP32 loop below.
 
     # Optimizer, LR schedule, EMA
     accumulate = max(round(NBS / batch_size), 1)
@@ -342,7 +351,9 @@ def train(hyp, opt, device, callbacks):
                     return results
 
         lr = [x["lr"] for x in optimizer.param_groups]
-        scheduler.step()
+        with warnings.catch_warnings():  # AMP may skip every step of a short first epoch: that is fine
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            scheduler.step()
 
         if main_rank:
             ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride"])
@@ -421,6 +432,8 @@ def parse_opt(argv=None):
     parser.add_argument("--rect", action="store_true", help="rectangular training")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="resume the newest run under --project, or the given last.pt")
+    parser.add_argument("--qat", action="store_true",
+                        help="quantization-aware fine-tuning of --weights instead of training (see train_qat.py)")
     parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
     parser.add_argument("--noval", action="store_true", help="only validate final epoch")
     parser.add_argument("--noplots", action="store_true", help="save no plot files")
@@ -498,7 +511,8 @@ def main(opt, callbacks=None):
             device = torch.device("cuda", LOCAL_RANK)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                    timeout=timedelta(hours=3))  # rank 0 validates while the others wait
+                                    timeout=timedelta(hours=3),  # rank 0 validates while the others wait
+                                    device_id=device if device.type == "cuda" else None)
         LOGGER.info(f"DDP: {WORLD_SIZE} processes, backend {dist.get_backend()}, device {device}")
 
     if opt.resume:

@@ -23,18 +23,27 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.general import (LOGGER, UserError, check_dataset, check_img_size, colorstr, increment_path,  # noqa: E402
-                           print_args, run_cli)
+from qat.compat import UserError, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
+from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path, print_args  # noqa: E402
 
 
 def _vnni(value):
     return {"auto": None, "yes": True, "no": False}[value]
 
 
+def _is_qat_weights(weights, trusted):
+    if not weights:
+        return False
+    from qat.checkpoint import is_qat_checkpoint
+    from qat.compat import load_checkpoint
+
+    return is_qat_checkpoint(load_checkpoint(weights, trusted=trusted))
+
+
 def _pytorch_rows(weights, device, trusted):
     """[(label, model)] from --weights: FP32 (quantizers off) and QAT fake-quant, or FP32 alone."""
-    from models.experimental import attempt_load, load_checkpoint
     from qat.checkpoint import is_qat_checkpoint, load_qat
+    from qat.compat import attempt_load, load_checkpoint
 
     if not weights:
         return []
@@ -52,9 +61,18 @@ def _pytorch_rows(weights, device, trusted):
 
 
 def _row(label, backend_desc, r, latency_ms=None):
-    return {"model": label, "runtime": backend_desc, "P": float(r["mp"]), "R": float(r["mr"]),
-            "mAP50": float(r["map50"]), "mAP50-95": float(r["map"]), "ms_per_img": float(r["times"][1]),
-            "ms_per_call": latency_ms}
+    """A table row from val.run's upstream-style return ((mp, mr, map50, map, *losses), maps, times)."""
+    (mp, mr, map50, map_, *_), _, times = r
+    return {"model": label, "runtime": backend_desc, "P": float(mp), "R": float(mr), "mAP50": float(map50),
+            "mAP50-95": float(map_), "ms_per_img": float(times[1]), "ms_per_call": latency_ms}
+
+
+def _check_dataset(data, task):
+    """The data yaml as a dict; ours checks only the split used, upstream's has no such option."""
+    try:
+        return check_dataset(data, required=(task,))
+    except TypeError:  # upstream YOLOv9's check_dataset(data, autodownload=True)
+        return check_dataset(data)
 
 
 def format_table(rows, ref=None):
@@ -86,16 +104,15 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
     meta = metadata(model_path) if onnx else {}
-    if onnx and str(meta.get("qat", "1")) == "1":
-        require_qdq(model_path)
+    if onnx and (str(meta.get("qat", "1")) == "1" or _is_qat_weights(weights, trusted)):
+        require_qdq(model_path)  # a QAT model (by its metadata or its --weights) must come with Q/DQ
     quantized = str(meta.get("qat", "1")) == "1"
     if imgsz is None:
         imgsz = int(max(meta.get("imgsz") or [640]))
     imgsz = check_img_size(imgsz, s=32)
-    data = check_dataset(data, required=(task,))
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
-
+    data = _check_dataset(data, task)
     deployed = load_backend(backend, model_path, threads=threads, vnni=_vnni(vnni))
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     static_batch = deployed.batch
     if static_batch and batch_size > static_batch:
         LOGGER.info(f"{model_path.name} has a static batch of {static_batch}: running in chunks of {static_batch}")
@@ -106,7 +123,7 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
     def evaluate(label, desc, model, latency=None):
         LOGGER.info(f"\n{colorstr(label)}: {desc}")
         r = validate.run(data, batch_size=batch_size, imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres,
-                         task=task, model=model, dataloader=dataloader, plots=False, return_dict=True)
+                         task=task, model=model, dataloader=dataloader, plots=False, half=False)
         return _row(label, desc, r, latency() if latency else None)
 
     rows = []

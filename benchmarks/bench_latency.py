@@ -159,9 +159,42 @@ def time_models(models, batch, imgsz, threads, iters, rounds, warmup):
     return times, convs
 
 
+def time_tensorrt(f_onnx, q_onnx, batch_sizes, imgsz, iters, warmup, tmp, sizes):
+    """{batch: {label: row}} for TensorRT (FP16 engine of the FP32 ONNX, INT8 engine of the Q/DQ
+    ONNX) when tensorrt and a GPU are here; {} otherwise. Host-to-host latency per call."""
+    from qat.deploy import TensorRTBackend, tensorrt_available
+
+    ok, why = tensorrt_available()
+    if not ok:
+        LOGGER.info(f"TensorRT rows skipped: {why}")
+        return {}
+    out = {str(b): {} for b in batch_sizes}
+    for label, path in (("TensorRT FP16 (FP32 ONNX)", f_onnx), ("TensorRT INT8 (QAT ONNX)", q_onnx)):
+        engine = tmp / f"{path.stem}.engine"
+        backend = TensorRTBackend(path, engine=engine, max_batch=max(batch_sizes), opt_batch=1, imgsz=imgsz)
+        sizes[f"{label} engine"] = engine.stat().st_size / (1 << 20)
+        for b in batch_sizes:
+            x = np.random.default_rng(0).random((b, 3, imgsz, imgsz), dtype=np.float32)
+            for _ in range(warmup):
+                backend._infer(x)
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                backend._infer(x)
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            out[str(b)][label] = {"latency_ms": med * 1e3, "imgs_per_s": b / med, "int8_convs": None, "convs": None}
+    for b in out:
+        base = out[b]["TensorRT FP16 (FP32 ONNX)"]["latency_ms"]
+        for r in out[b].values():
+            r["speedup_vs_trt_fp16"] = base / r["latency_ms"]
+    return out
+
+
 def _sizes(fp32, ov_models, tmp):
     import openvino as ov
 
+    from qat.deploy import compressed_ir
     from utils.torch_utils import save_atomic
 
     out = {}
@@ -173,7 +206,7 @@ def _sizes(fp32, ov_models, tmp):
     out["FP16 .pt"] = p.stat().st_size / (1 << 20)
     for label, m in ov_models.items():
         xml = Path(tmp) / f"{label.split()[0]}.xml"
-        ov.save_model(m, str(xml), compress_to_fp16=False)
+        ov.save_model(compressed_ir(m), str(xml), compress_to_fp16=False)
         out[f"{label} IR"] = xml.with_suffix(".bin").stat().st_size / (1 << 20)
     return out
 
@@ -214,22 +247,25 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
             LOGGER.info(f"NNCF quantized ({time.time() - t0:.0f} s)")
         sizes = _sizes(fp32, {k: v for k, v in models.items() if k != "FP32 ONNX"}, tmp)
 
-    results = {"name": name, "model": desc, "imgsz": imgsz, "threads": threads, "machine": info,
-               "date": datetime.now().isoformat(timespec="seconds"), "lint_violations": len(violations),
-               "qat_weights": "7-bit re-quantized" if qat_backend.weights_requantized else
-               f"max |q| {qat_backend.weight_max_q}", "sizes_mb": sizes, "batches": {}}
-    for b in batch_sizes:
-        LOGGER.info(f"timing batch {b}: {len(models)} models x {rounds} rounds x {iters} calls...")
-        times, convs = time_models(models, b, imgsz, threads, iters, rounds, warmup)
-        rows = {}
-        for k in models:
-            med = statistics.median(times[k])
-            rows[k] = {"latency_ms": med * 1e3, "imgs_per_s": b / med, "int8_convs": convs[k][0],
-                       "convs": convs[k][1]}
-        base = rows["FP32 ONNX"]["latency_ms"]
-        for r in rows.values():
-            r["speedup"] = base / r["latency_ms"]
-        results["batches"][str(b)] = rows
+        results = {"name": name, "model": desc, "imgsz": imgsz, "threads": threads, "machine": info,
+                   "date": datetime.now().isoformat(timespec="seconds"), "lint_violations": len(violations),
+                   "qat_weights": "re-quantized to 7 bits" if qat_backend.weights_requantized else
+                   f"up to ±{qat_backend.weight_max_q}", "sizes_mb": sizes, "batches": {}}
+        for b in batch_sizes:
+            LOGGER.info(f"timing batch {b}: {len(models)} models x {rounds} rounds x {iters} calls...")
+            times, convs = time_models(models, b, imgsz, threads, iters, rounds, warmup)
+            rows = {}
+            for k in models:
+                med = statistics.median(times[k])
+                rows[k] = {"latency_ms": med * 1e3, "imgs_per_s": b / med, "int8_convs": convs[k][0],
+                           "convs": convs[k][1]}
+            base = rows["FP32 ONNX"]["latency_ms"]
+            for r in rows.values():
+                r["speedup"] = base / r["latency_ms"]
+            results["batches"][str(b)] = rows
+        trt = time_tensorrt(f_onnx, q_onnx, batch_sizes, imgsz, iters * rounds, warmup, Path(tmp), sizes)
+        for b, rows in trt.items():
+            results["batches"][str(b)].update(rows)
     write(results, out)
     return results
 
@@ -242,8 +278,9 @@ def table(results):
              "| model | batch | latency ms | images/s | vs FP32 | convolutions in INT8 |", "|---|---|---|---|---|---|"]
     for b, rows in results["batches"].items():
         for k, r in rows.items():
-            lines.append(f"| {k} | {b} | {r['latency_ms']:.1f} | {r['imgs_per_s']:.2f} | {r['speedup']:.2f}x | "
-                         f"{r['int8_convs']}/{r['convs']} |")
+            ratio = f"{r['speedup']:.2f}x" if "speedup" in r else f"{r['speedup_vs_trt_fp16']:.2f}x TRT FP16"
+            convs = f"{r['int8_convs']}/{r['convs']}" if r.get("convs") else "-"
+            lines.append(f"| {k} | {b} | {r['latency_ms']:.1f} | {r['imgs_per_s']:.2f} | {ratio} | {convs} |")
     lines += ["", "| file | MB |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in results["sizes_mb"].items()]
     return "\n".join(lines)
 
@@ -255,7 +292,7 @@ def chart(results, path):
     import matplotlib.pyplot as plt
 
     batches = list(results["batches"])
-    labels = list(results["batches"][batches[0]])
+    labels = [k for k, r in results["batches"][batches[0]].items() if "speedup" in r]  # the OpenVINO rows
     fig, ax = plt.subplots(figsize=(7, 4))
     w = 0.8 / len(labels)
     for i, k in enumerate(labels):

@@ -113,6 +113,9 @@ def calibrate(model, batches, settings=None, device=None, max_batches=None, show
     training = model.training
     model.eval()
     calibrate_weights(model)
+    weights = [q for _, q, _ in unique_quantizers(model) if isinstance(q, WeightQuantizer) and not q._disabled]
+    for q in weights:  # statistics are collected on the FP32 network, as modelopt does
+        q.disable_quant()
     quantizers = activation_quantizers(model)
     for q in quantizers:
         q.reset_amax()
@@ -149,7 +152,10 @@ def calibrate(model, batches, settings=None, device=None, max_batches=None, show
             q.enable_quant()
             q._calibrator.reset()  # the histograms are large; amax is what is kept
     finally:
+        for q in weights:
+            q.enable_quant()
         model.train(training)
+    model.to(device)  # histogram amax comes back on the CPU
     return quantizer_summary(model)
 
 

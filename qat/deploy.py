@@ -69,7 +69,7 @@ def cpu_int8_features(cpuinfo="/proc/cpuinfo"):
         if line.startswith("flags"):
             flags |= set(line.split(":", 1)[1].split())
     found = [f for f in VNNI_FLAGS if f in flags]
-    return {"vnni": bool(found), "flags": found, "source": cpuinfo}
+    return {"vnni": bool(found), "flags": found, "source": str(cpuinfo)}
 
 
 def _static(dim):
@@ -104,6 +104,8 @@ class Backend(nn.Module):
         self.meta = meta
         self.batch, self.height, self.width = None, None, None  # static dims when the file has them
         self.times = []  # seconds per call of the runtime
+        # val.run (ours and upstream's) takes the device from next(model.parameters()): the host
+        self.register_parameter("_host", nn.Parameter(torch.zeros(0), requires_grad=False))
 
     # input fitting -----------------------------------------------------------------------------
     def _fit(self, im):
@@ -127,7 +129,8 @@ class Backend(nn.Module):
             chunks.append((np.ascontiguousarray(c.numpy()), n))
         return chunks
 
-    def forward(self, im):
+    def forward(self, im, augment=False, **kwargs):
+        """(B, 4+nc, anchors) on the host; `augment` (upstream val passes it) is not supported."""
         outs = []
         for x, n in self._fit(im):
             t0 = time.perf_counter()
@@ -253,19 +256,30 @@ class OpenVINOBackend(Backend):
         return {"int8": int8, "float": flt, "total": int8 + flt}
 
     def save_ir(self, xml_path):
-        """Write the deployed model as OpenVINO IR (.xml + .bin); returns the .bin size in MB."""
+        """Write the deployed model as OpenVINO IR (.xml + .bin, weights stored as int8); returns the
+        .bin size in MB."""
         import openvino as ov
 
         xml_path = Path(xml_path)
         xml_path.parent.mkdir(parents=True, exist_ok=True)
-        ov.save_model(self.ov_model, str(xml_path), compress_to_fp16=False)
+        ov.save_model(compressed_ir(self.ov_model), str(xml_path), compress_to_fp16=False)
         return xml_path.with_suffix(".bin").stat().st_size / (1 << 20)
 
     def describe(self):
-        bits = "7-bit re-quantized" if self.weights_requantized else f"max |q| {self.weight_max_q}"
+        bits = "re-quantized to 7 bits" if self.weights_requantized else f"up to ±{self.weight_max_q}"
         vnni = {True: "VNNI", False: "no VNNI", None: "VNNI unknown"}[self.vnni]
         extra = f", u8 activations, weights {bits}, {vnni}" if self.quantized else ""
         return f"openvino {self.precision}{extra} ({self.path.name})"
+
+
+def compressed_ir(ov_model):
+    """A copy whose quantized float weights are stored as int8 constants (what OpenVINO's model
+    converter does for FakeQuantize weights): same outputs, a quarter of the size."""
+    from openvino._offline_transformations import compress_quantize_weights_transformation
+
+    m = ov_model.clone()
+    compress_quantize_weights_transformation(m)
+    return m
 
 
 # --------------------------------------------------------------------------------------------------

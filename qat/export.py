@@ -6,9 +6,10 @@
 The modelopt quantizers export as QuantizeLinear/DequantizeLinear pairs: int8, zero point 0,
 activations per tensor, weights per output channel (axis 0). Layers whose quantizers are disabled
 (`--no-last-layer`, `--skip-layers`) export without Q/DQ; their names go into the file's metadata
-(`float_layers`) so `qat.lint` can check that they stayed float. The plain (no NMS) export reuses
-`export.export_onnx`, so the QAT file has the same input/output contract as the FP32 baseline:
-`images` (B, 3, H, W) float 0-1 -> `output0` (B, 4+nc, anchors).
+(`float_layers`) so `qat.lint` can check that they stayed float. The plain (no NMS) export
+has the contract of export.py's FP32 baseline: `images` (B, 3, H, W) float 0-1 -> `output0`
+(B, 4+nc, anchors), metadata `stride` and `names`. (It calls torch.onnx.export itself rather than
+export.export_onnx: qat/ is also installed into upstream YOLOv9 clones, whose export_onnx differs.)
 
 end2end: the model's output goes through NMS inside the graph.
 - nms='tensorrt': TensorRT's EfficientNMS_TRT plugin node. Outputs `num_dets` (B, 1) int32,
@@ -34,9 +35,14 @@ NMS_KINDS = ("onnx", "tensorrt")
 
 
 def _heads(model):
-    from models.yolo import HEADS
+    """Detection heads (DDetect / DualDDetect, ours or upstream's): what has export mode and levels."""
+    return [m for m in model.modules() if hasattr(m, "export") and hasattr(m, "nl") and hasattr(m, "stride")]
 
-    return [m for m in model.modules() if isinstance(m, HEADS)]
+
+def _main_head_only(module, args, output):
+    """Forward hook on the model: a dual-head model in export mode returns [aux, main]; keep main.
+    (A hook, not a wrapper module: parameter and node names stay those of the model.)"""
+    return output[-1] if isinstance(output, (list, tuple)) else output
 
 
 def _quantizers_disabled(module):
@@ -125,7 +131,11 @@ class End2End(nn.Module):
         self.max_det, self.iou_thres, self.conf_thres = int(max_det), float(iou_thres), float(conf_thres)
 
     def forward(self, x):
-        y = self.model(x)
+        return self.nms_head(self.model, (x,), self.model(x))
+
+    def nms_head(self, module, args, y):
+        """NMS on the model's export-mode output; also usable as the model's forward hook."""
+        x = args[0]
         y = y[-1] if isinstance(y, (list, tuple)) else y  # DualDDetect: the main head
         xy, wh, scores = y[:, :2], y[:, 2:4], y[:, 4:]
         boxes = torch.cat((xy - wh / 2, xy + wh / 2), 1).transpose(1, 2)  # (B, N, 4) x1y1x2y2
@@ -172,16 +182,62 @@ def _names(model):
     return {int(k): str(v) for k, v in (names or {}).items()}
 
 
+def _export_plain(model, path, imgsz, batch_size, dynamic, opset, simplify):
+    """torch.onnx.export with export.py's contract; `dynamic`: batch, height and width (the head then
+    computes its anchors in the graph)."""
+    import onnx
+
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    p = next(model.parameters())
+    im = torch.zeros(batch_size, 3, h, w, device=p.device, dtype=torch.float32)
+    heads = _heads(model)
+    if not heads:
+        raise UserError("the model has no DDetect/DualDDetect head; only detection models export")
+    saved = [(m, m.export, getattr(m, "dynamic", False)) for m in heads]
+    hook = model.register_forward_hook(_main_head_only)
+    try:
+        for m in heads:
+            m.export, m.dynamic = True, dynamic
+        model.eval()
+        with torch.no_grad():
+            y = model(im)  # dry run: builds the anchors, checks the output
+        if not isinstance(y, torch.Tensor) or y.ndim != 3:
+            raise UserError(f"the model's export-mode output is {type(y).__name__}, not one (B, 4+nc, anchors) tensor")
+        axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}} \
+            if dynamic else None
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # modelopt and the tracer warn about traced shape checks
+            torch.onnx.export(model, im, str(path), opset_version=opset, do_constant_folding=True,
+                              input_names=["images"], output_names=["output0"], dynamic_axes=axes, dynamo=False)
+    finally:
+        hook.remove()
+        for m, e, d in saved:
+            m.export, m.dynamic = e, d
+    if simplify:
+        try:
+            import onnxslim
+        except ImportError:
+            from qat.deploy import log
+
+            log("WARNING: --simplify needs onnxslim (pip install onnxslim); exported without simplifying")
+        else:
+            onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+    onnx.checker.check_model(str(path))
+    return path
+
+
 def _export_end2end(model, path, imgsz, batch_size, dynamic, opset, nms, max_det, iou_thres, conf_thres):
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
     p = next(model.parameters())
     im = torch.zeros(batch_size, 3, h, w, device=p.device, dtype=torch.float32)
     heads = _heads(model)
     saved = [(m, m.export) for m in heads]
+    e2e = End2End(model, nms, max_det, iou_thres, conf_thres)
+    hook = model.register_forward_hook(e2e.nms_head)  # NMS traced after the model, names unchanged
     try:
         for m in heads:
             m.export = True
-        wrapper = End2End(model, nms, max_det, iou_thres, conf_thres).eval()
+        model.eval()
         if nms == "tensorrt":
             outputs = ["num_dets", "det_boxes", "det_scores", "det_classes"]
             axes = {k: {0: "batch"} for k in ["images"] + outputs} if dynamic else None
@@ -191,9 +247,10 @@ def _export_end2end(model, path, imgsz, batch_size, dynamic, opset, nms, max_det
                 {"detections": {0: "detections"}}
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, im, str(path), opset_version=opset, do_constant_folding=True,
+            torch.onnx.export(model, im, str(path), opset_version=opset, do_constant_folding=True,
                               input_names=["images"], output_names=outputs, dynamic_axes=axes, dynamo=False)
     finally:
+        hook.remove()
         for m, e in saved:
             m.export = e
     return path
@@ -206,8 +263,6 @@ def export_qat_onnx(model, path, imgsz=640, batch_size=1, dynamic=False, opset=1
     The model is not changed (a copy is exported). `dynamic`: dynamic batch (and, without end2end,
     height/width as export.export_onnx does). With postprocess=True the file is run through
     qat.graph.postprocess (its report is stored in the metadata key `graph_report`)."""
-    from export import export_onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if opset < 13:
@@ -221,13 +276,12 @@ def export_qat_onnx(model, path, imgsz=640, batch_size=1, dynamic=False, opset=1
     if end2end:
         _export_end2end(m, path, imgsz, batch_size, dynamic, opset, nms, max_det, iou_thres, conf_thres)
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # modelopt and the tracer warn about traced shape checks
-            export_onnx(m, path, imgsz, batch_size=batch_size, dynamic=dynamic, opset=opset, simplify=simplify)
+        _export_plain(m, path, imgsz, batch_size, dynamic, opset, simplify)
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
     stride = getattr(m, "stride", None)
     settings = getattr(m, "qat", {}).get("settings", {}) if isinstance(getattr(m, "qat", None), dict) else {}
-    meta = {"qat": "1" if quantized else "0", "strides": [int(s) for s in stride] if stride is not None else [8, 16, 32],
+    meta = {"stride": int(max(stride)) if stride is not None else 32,  # export.py's (upstream's) keys
+            "qat": "1" if quantized else "0", "strides": [int(s) for s in stride] if stride is not None else [8, 16, 32],
             "names": _names(m), "imgsz": [int(h), int(w)], "batch": int(batch_size), "dynamic": bool(dynamic),
             "head": f"model.{len(m.model) - 1}" if hasattr(m, "model") else "",
             "end2end": nms if end2end else "", "float_layers": float_layers(m) if quantized else [],

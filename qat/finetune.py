@@ -6,7 +6,8 @@ same batch; the loss is the mean over supervised layers of the MSE between their
 model.model[0], [s], [2s], ... for `supervision_stride` s, and always the head). No labels are
 needed, and the quantized model is pulled towards exactly what the FP32 model computes.
 `loss='det'` uses utils.loss_tal.ComputeLoss on the labels (needs `model.hyp`); `loss='both'` adds
-the two: distill + det_weight * det (det per image).
+the two: distill + det_weight * det (det per image; on the demo model det is ~5 and distill ~0.005,
+so the default 1e-3 weighs them about equally).
 
 Amax values stay fixed (calibrated); weights and biases train through the straight-through
 estimator with clipping (modelopt, pass_through_bwd=False). Multi-GPU: the student is wrapped in
@@ -36,11 +37,12 @@ class FinetuneOptions:
     iters_per_epoch: int = 200  # 0: one pass over the train loader
     lr: float = 1e-5  # start of the cosine schedule; ends at lr * lrf
     lrf: float = 0.01
-    optimizer: str = "SGD"  # SGD (momentum, nesterov) | Adam | AdamW
+    optimizer: str = "Adam"  # Adam | AdamW | SGD (momentum, nesterov): Adam's step does not shrink with
+    # the loss, and a distillation MSE is tiny (squared INT8 rounding errors), so plain SGD barely moves
     momentum: float = 0.9
     weight_decay: float = 0.0
     loss: str = "distill"
-    det_weight: float = 1.0
+    det_weight: float = 1e-3  # the det loss per image is ~1000x the distillation MSE of a trained model
     supervision_stride: int = 1
     save_dir: Path = None  # weights/ qat_last.pt and qat_best.pt go here (rank 0)
     save_period: int = 100  # also write qat_last.pt every N iterations (0: only at epoch ends)
@@ -139,6 +141,19 @@ def _cycle(loader):
         n += 1
 
 
+def _detection_loss(model):
+    """YOLOv9's loss for the model's head. Ours handles DDetect and DualDDetect; in an upstream
+    clone (patches/install.py) utils.loss_tal is single-head and loss_tal_dual holds the dual one."""
+    if type(model.model[-1]).__name__ == "DualDDetect":
+        try:
+            from utils.loss_tal_dual import ComputeLoss
+            return ComputeLoss(model)
+        except ImportError:
+            pass
+    from utils.loss_tal import ComputeLoss
+    return ComputeLoss(model)
+
+
 class Trainer:
     """One QAT run. `step(batch)` is one optimisation step; `run()` loops epochs."""
 
@@ -157,12 +172,11 @@ class Trainer:
         if opts.loss in ("det", "both"):
             if not isinstance(getattr(model, "hyp", None), dict):
                 raise UserError("--loss det/both needs the loss gains (box, cls, dfl): pass --hyp")
-            from utils.loss_tal import ComputeLoss
-            self.compute_loss = ComputeLoss(model)
+            self.compute_loss = _detection_loss(model)
         self.ddp = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dev = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=dev, broadcast_buffers=False)
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=dev)
         self.optimizer = make_optimizer(model, opts)
 
     def step(self, batch, lr):
@@ -230,8 +244,8 @@ def finetune(model, fp32_model, train_loader, val_fn, opts):
             t0 = time.time()
             sums, n = {}, 0
             first = start_iter if epoch == start_epoch else 0
-            bar = tqdm(range(first, iters), desc=f"QAT epoch {epoch + 1}/{opts.epochs}", disable=not (main and opts.show),
-                       bar_format="{l_bar}{bar:10}{r_bar}")
+            bar = tqdm(range(first, iters), desc=f"QAT epoch {epoch + 1}/{opts.epochs}",
+                       disable=not (main and opts.show), bar_format="{l_bar}{bar:10}{r_bar}")
             for it in bar:
                 lr = cosine_lr(opts, epoch * iters + it, total)
                 items = trainer.step(next(batches), lr)

@@ -419,6 +419,7 @@ def activations_to_uint8(model):
     inits = _initializers(model)
     name = "qat_activation_zero_point_u8"
     n = 0
+    q_outputs = set()
     for node in model.graph.node:
         if node.op_type not in QDQ_OPS or len(node.input) < 2 or node.input[1] not in inits:
             continue
@@ -439,7 +440,12 @@ def activations_to_uint8(model):
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = name
+        if node.op_type == "QuantizeLinear":
+            q_outputs.add(node.output[0])
         n += 1
+    for vi in list(model.graph.value_info) + list(model.graph.output):  # recorded types follow: int8 -> uint8
+        if vi.name in q_outputs and vi.type.tensor_type.elem_type == onnx.TensorProto.INT8:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.UINT8
     return n
 
 

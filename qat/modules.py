@@ -223,8 +223,8 @@ def to_quant(module, settings):
 def to_float(module):
     """Undo `to_quant` in place: drop the quantizers, restore the float class."""
     if isinstance(module, QuantMixin):
-        for name, child in list(module.named_children()):
-            if is_quantizer(child):
+        for name, child in list(module._modules.items()):  # not named_children(): it skips shared ones
+            if child is not None and is_quantizer(child):
                 delattr(module, name)
         module.__class__ = module.FLOAT
     return module

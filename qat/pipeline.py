@@ -17,7 +17,6 @@ import os
 from copy import deepcopy
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from qat.compat import UserError, attempt_load, init_seeds, load_checkpoint
@@ -25,9 +24,9 @@ from qat.settings import CALIB_METHODS, QuantSettings
 from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path, yaml_load, yaml_save
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = "weights/demo-gelan.pt"
-DEFAULT_DATA = "data/demo.yaml"
-DEFAULT_HYP = "data/hyps/hyp.qat.yaml"
+DEFAULT_WEIGHTS = str(ROOT / "weights/demo-gelan.pt")
+DEFAULT_DATA = str(ROOT / "data/demo.yaml")
+DEFAULT_HYP = str(ROOT / "data/hyps/hyp.qat.yaml")
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 RANK = int(os.getenv("RANK", -1))
 WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
@@ -46,7 +45,7 @@ def add_common_args(p):
     p.add_argument("--batch-size", type=int, default=16, help="total batch size for all ranks")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
-    p.add_argument("--project", default="runs/qat", help="save to project/name")
+    p.add_argument("--project", default=str(ROOT / "runs/qat"), help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     p.add_argument("--seed", type=int, default=0, help="global seed")
@@ -70,11 +69,12 @@ def add_finetune_args(p):
     p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch (0: one pass of the data)")
     p.add_argument("--lr", type=float, default=1e-5, help="initial learning rate (cosine to lr * lrf)")
     p.add_argument("--lrf", type=float, default=0.01, help="final learning rate fraction")
-    p.add_argument("--optimizer", default="SGD", help="SGD | Adam | AdamW")
+    p.add_argument("--optimizer", default="Adam", help="Adam | AdamW | SGD")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / Adam beta1")
     p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
     p.add_argument("--loss", default="distill", help="distill (vs FP32, no labels) | det (labels) | both")
-    p.add_argument("--det-weight", type=float, default=1.0, help="--loss both: distill + det_weight * det")
+    p.add_argument("--det-weight", type=float, default=1e-3,
+                   help="--loss both: distill + det_weight * det (det per image is ~1000x the distill MSE)")
     p.add_argument("--supervision-stride", type=int, default=1, help="distill every N-th layer's output (+ head)")
     p.add_argument("--save-period", type=int, default=100, help="also write qat_last.pt every N iterations")
     p.add_argument("--augment", action="store_true", help="train-time augmentation from --hyp (default: none)")
@@ -106,7 +106,8 @@ def finetune_options(opt, save_dir, settings):
 def check_opt(opt):
     """Everything that can be wrong with the options alone, before anything is loaded."""
     settings = settings_from_opt(opt)
-    finetune_options(opt, ".", settings)
+    if hasattr(opt, "epochs"):  # not for `sensitive`
+        finetune_options(opt, ".", settings)
     if opt.batch_size < 1:
         raise UserError(f"--batch-size {opt.batch_size} must be >= 1")
     if opt.calib_batches < 1:
@@ -146,23 +147,28 @@ def load_data(data):
     try:
         return check_dataset(data)
     except UserError:
-        if Path(data).resolve() != (ROOT / DEFAULT_DATA).resolve():
+        if Path(data).resolve() != Path(DEFAULT_DATA).resolve():
             raise
     if _main_rank():
         from utils.demo_data import main as demo_data
         LOGGER.info(f"{colorstr('data: ')}generating the demo dataset (python -m utils.demo_data --out datasets/demo)")
-        if demo_data(["--out", str(ROOT / "datasets/demo"), "--data", str(ROOT / DEFAULT_DATA)]):
+        if demo_data(["--out", str(ROOT / "datasets/demo"), "--data", DEFAULT_DATA]):
             raise UserError("could not generate the demo data: run python -m utils.demo_data --out datasets/demo")
     _barrier()
     return check_dataset(data)
 
 
+def check_demo_weights(weights):
+    """The default checkpoint is made by training, never downloaded: say so before anything runs."""
+    if weights and not Path(weights).exists() and Path(weights).resolve() == Path(DEFAULT_WEIGHTS).resolve():
+        raise UserError(f"the demo checkpoint {weights} is not there: train it first (python train.py --cfg "
+                        f"models/detect/gelan-t.yaml --data data/demo.yaml ...) or pass --weights")
+
+
 def load_fp32(weights, device, trusted=False):
     """-> (fused FP32 model in eval mode, checkpoint's training opt dict)."""
     weights = str(weights)
-    if not Path(weights).exists() and weights == DEFAULT_WEIGHTS:
-        raise UserError(f"{weights} not found: train the demo model first (python train.py --cfg "
-                        f"models/detect/gelan-t.yaml --data data/demo.yaml ...) or pass --weights")
+    check_demo_weights(weights)
     ckpt = load_checkpoint(weights, trusted=trusted)
     from qat.checkpoint import is_qat_checkpoint
     if is_qat_checkpoint(ckpt):
@@ -178,10 +184,10 @@ def model_nc(model):
     return int(getattr(model.model[-1], "nc", getattr(model, "nc", 0)))
 
 
-def check_nc(model, data, weights):
+def check_nc(model, data, weights, data_name="the data"):
     nc, ncm = int(data["nc"]), model_nc(model)
     if ncm != nc:
-        raise UserError(f"{weights} predicts {ncm} classes but {data.get('yaml_file', 'the data')} has {nc}: "
+        raise UserError(f"{weights} predicts {ncm} classes but {data_name} has {nc}: "
                         f"pass the --data the weights were trained on")
 
 
@@ -216,17 +222,24 @@ class FirstBatches:
 
 
 def make_loaders(data, imgsz, stride, opt, hyp, rank=-1):
-    """-> (train loader (this rank's shard), val loader or None (rank 0)). Arguments after `stride`
-    by keyword only, and only those upstream's create_dataloader has too."""
+    """-> (train loader (this rank's shard), calibration loader (the same one unless --augment:
+    calibration sees plain images), val loader or None (rank 0)). Arguments after `stride` by
+    keyword only, and only those upstream's create_dataloader has too."""
     from utils.dataloaders import create_dataloader
     bs = opt.batch_size // max(WORLD_SIZE, 1)
-    train = create_dataloader(data["train"], imgsz, bs, stride, hyp=hyp, augment=bool(opt.augment), rect=False,
-                              rank=rank, workers=opt.workers, shuffle=True, prefix=colorstr("train: "))[0]
+    augment = bool(getattr(opt, "augment", False))
+
+    def train_split(aug, prefix):
+        return create_dataloader(data["train"], imgsz, bs, stride, hyp=hyp, augment=aug, rect=False, rank=rank,
+                                 workers=opt.workers, shuffle=True, prefix=colorstr(prefix))[0]
+
+    train = train_split(augment, "train: ")
+    calib = train_split(False, "calibration: ") if augment else train
     val = None
     if rank in (-1, 0):
         val = create_dataloader(data["val"], imgsz, bs * 2, stride, hyp=hyp, augment=False, rect=True, rank=-1,
                                 workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "))[0]
-    return train, val
+    return train, calib, val
 
 
 def make_val_fn(data, val_loader, imgsz, batch_size, n_batches=0):
@@ -302,10 +315,10 @@ def _plain_opt(opt):
 # --------------------------------------------------------------------------------------------------
 # The run
 
-def run(opt, model=None, data_dict=None, device=None):
+def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     """Run the QAT pipeline with `opt` (train_qat.py's options). `model`: an FP32 model to start
     from instead of --weights (train.py --qat); `data_dict`: an already checked data dict.
-    Returns {'save_dir', 'rows', 'history', 'best', 'last', 'settings'}."""
+    Returns {'save_dir', 'rows', 'history', 'best', 'last', 'settings', 'model'}."""
     from qat.checkpoint import load_qat, save_qat
     from qat.finetune import finetune
     from utils.torch_utils import select_device
@@ -324,19 +337,22 @@ def run(opt, model=None, data_dict=None, device=None):
         opt = argparse.Namespace(**{**vars(default_opt()), **saved, **keep, "resume": str(last),
                                     "save_dir": str(last.parent.parent)})
     settings = check_opt(opt)
+    if model is None:
+        check_demo_weights(str(opt.weights))
     device = device or select_device(opt.device, batch_size=opt.batch_size)
     init_seeds(opt.seed + 1 + RANK)
 
     if getattr(opt, "save_dir", None):
         save_dir = Path(opt.save_dir)
     else:
-        save_dir = _broadcast(str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)) if main else None)
-        save_dir = Path(save_dir)
+        fresh = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)) if main else None
+        save_dir = Path(_broadcast(fresh))  # one run folder for all ranks, chosen by rank 0
     opt.save_dir = str(save_dir)
     wdir = save_dir / "weights"
     if main:
         wdir.mkdir(parents=True, exist_ok=True)
-        yaml_save(save_dir / "opt.yaml", _plain_opt(opt))
+        if write_opt:
+            yaml_save(save_dir / "opt.yaml", _plain_opt(opt))
 
     data = data_dict or load_data(opt.data)
     if model is None:
@@ -345,13 +361,13 @@ def run(opt, model=None, data_dict=None, device=None):
         fp32, ckpt_opt = deepcopy(model).float().to(device), {}
         fp32.fuse() if hasattr(fp32, "fuse") else None
         fp32.eval()
-    check_nc(fp32, data, opt.weights)
+    check_nc(fp32, data, opt.weights or "the model", opt.data if isinstance(opt.data, str) else "the data")
     stride = max(int(max(fp32.stride)), 32)
     imgsz = check_img_size(int(opt.imgsz or ckpt_opt.get("imgsz") or 640), stride)
     opt.imgsz = imgsz
     hyp = load_hyp(opt.hyp)
     fp32.hyp = hyp
-    train_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp, rank=LOCAL_RANK)
+    train_loader, calib_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp, rank=LOCAL_RANK)
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches) if main else None
 
     def evaluate(m, label):
@@ -371,12 +387,12 @@ def run(opt, model=None, data_dict=None, device=None):
     else:
         if main and not opt.no_eval_origin:
             rows["FP32"] = evaluate(fp32, "FP32")
-        qmodel = quantize_and_calibrate(fp32, settings, train_loader, opt.calib_batches, device, save_dir)
+        qmodel = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir)
         if opt.auto_skip is not None:
             settings = _auto_skip(opt, fp32, qmodel, settings, rows, evaluate, val_fn, save_dir)
             fopts.settings = settings
             if settings.skip_layers != list(opt.skip_layers):
-                qmodel = quantize_and_calibrate(fp32, settings, train_loader, opt.calib_batches, device, save_dir)
+                qmodel = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir)
             opt.skip_layers = settings.skip_layers
         if main and not opt.no_eval_ptq:
             rows["PTQ"] = evaluate(qmodel, "PTQ (calibrated, before QAT)")
@@ -431,17 +447,18 @@ def run_sensitivity(opt):
     settings = check_opt(opt)
     device = select_device(opt.device, batch_size=opt.batch_size)
     init_seeds(opt.seed)
+    check_demo_weights(str(opt.weights))
     save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     data = load_data(opt.data)
     fp32, ckpt_opt = load_fp32(opt.weights, device, opt.trusted)
-    check_nc(fp32, data, opt.weights)
+    check_nc(fp32, data, opt.weights, opt.data)
     stride = max(int(max(fp32.stride)), 32)
     imgsz = check_img_size(int(opt.imgsz or ckpt_opt.get("imgsz") or 640), stride)
     hyp = load_hyp(opt.hyp)
-    train_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp)
+    _, calib_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp)
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches)
     fp32_map = val_fn(fp32)["map"]
-    qmodel = quantize_and_calibrate(fp32, settings, train_loader, opt.calib_batches, device, save_dir)
+    qmodel = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir)
     base, ranked = layer_sensitivity(qmodel, val_fn)
     skip = None
     if opt.auto_skip is not None:
@@ -459,19 +476,22 @@ def run_from_train(model, opt, hyp, data_dict, device):
     """The hook train.py calls with `--qat` once its model is built and loaded (ours and, through
     patches/install.py, upstream's). The QAT options not on train.py's CLI take train_qat.py's
     defaults; --epochs, --imgsz, --batch-size, --workers, --seed, --device and the run folder are
-    train.py's. Returns train()'s results tuple (P, R, mAP50, mAP50-95, 0, 0, 0) of the best QAT model."""
+    train.py's, and an epoch is one pass over the training data as in train.py (train_qat.py's
+    default is 200 iterations). Returns train()'s results tuple (P, R, mAP50, mAP50-95, 0, 0, 0)
+    of the best QAT model (PTQ with --epochs 0)."""
     qopt = default_opt()
     for k in ("data", "imgsz", "batch_size", "epochs", "workers", "seed", "device", "save_dir", "trusted"):
         if hasattr(opt, k):
             setattr(qopt, k, getattr(opt, k))
     qopt.weights = str(getattr(opt, "weights", "") or "")
     qopt.hyp = dict(hyp)
+    qopt.iters_per_epoch = 0
     for k in vars(qopt):  # train.py may have been given QAT options too (ours does not define them)
         if k.startswith(("calib_", "weight_bits", "no_last_layer", "skip_layers", "loss", "iters_per_epoch")) \
                 and hasattr(opt, k):
             setattr(qopt, k, getattr(opt, k))
     try:
-        result = run(qopt, model=model, data_dict=data_dict, device=device)
+        result = run(qopt, model=model, data_dict=data_dict, device=device, write_opt=False)
     except UserError as e:  # upstream's main() has no run_cli
         import sys
         print(f"error: {e}", file=sys.stderr)

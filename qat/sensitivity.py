@@ -58,7 +58,8 @@ def layer_sensitivity(model, val_fn, show=True):
     for i in tqdm(quantized_layers(model), desc="sensitivity", disable=not show):
         with layers_in_float(model, [i]) as n:
             r = val_fn(model)
-        rows.append({"layer": i, "type": type(model.model[i]).__name__, "points": n, "map": float(r["map"]),
+        kind = getattr(type(model.model[i]), "FLOAT", None) or type(model.model[i])  # the float class's name
+        rows.append({"layer": i, "type": kind.__name__, "points": n, "map": float(r["map"]),
                      "map50": float(r["map50"]), "gain": float(r["map"]) - float(base["map"])})
     rows.sort(key=lambda r: (-r["gain"], r["layer"]))
     return float(base["map"]), rows
@@ -89,12 +90,15 @@ def write_sensitivity(save_dir, fp32_map, base_map, ranked, skip=None):
     f = "" if fp32_map is None else f"{fp32_map:.4f}"
     lines = ["# Quantization sensitivity per layer (that layer alone in float)", "",
              f"FP32 mAP50-95 {f}, all layers quantized {base_map:.4f}.", "",
-             "| rank | layer | type | quantization points | mAP50-95 | mAP50 | recovered |", "|---|---|---|---|---|---|---|"]
+             "| rank | layer | type | quantization points | mAP50-95 | mAP50 | recovered |",
+             "|---|---|---|---|---|---|---|"]
     for k, r in enumerate(ranked):
         lines.append(f"| {k + 1} | {r['layer']} | {r['type']} | {r['points']} | {r['map']:.4f} | {r['map50']:.4f} "
                      f"| {r['gain']:+.4f} |")
     if skip is not None:
+        use = (f"use `--skip-layers {' '.join(repr(skip_regex(i)) for i in skip['layers'])}`" if skip["layers"]
+               else "the fully quantized model already meets the budget")
         lines += ["", f"auto-skip (budget {skip['budget']}): keep layers {skip['layers']} in float -> mAP50-95 "
-                      f"{skip['map']:.4f}; use `--skip-layers {' '.join(repr(skip_regex(i)) for i in skip['layers'])}`"]
+                      f"{skip['map']:.4f}; {use}"]
     (save_dir / "sensitivity.md").write_text("\n".join(lines) + "\n")
     return save_dir / "sensitivity.md"

@@ -13,8 +13,9 @@ class QuantSettings:
     """weight_bits: 8, or 7 for CPUs without VNNI (DESIGN.md section 5; exported as INT8 with |q| <= 63).
     calib_method: activation calibration, 'max' or a histogram method ('percentile', 'mse', 'entropy').
     percentile: for 'percentile'. no_last_layer: keep the detection head (model.model[-1]) in float.
-    skip_layers: regexes searched in module names (e.g. 'model\\.22\\.', 'model\\.3\\.cv4'); modules
-    that match keep every quantizer they own disabled."""
+    skip_layers: regexes searched (re.search) in quantizer names such as
+    'model.3.cv4.conv.input_quantizer', so '^model\\.22\\.' or 'model\\.3\\.cv4' keeps every quantizer
+    of those modules disabled (in float)."""
     weight_bits: int = 8
     calib_method: str = "max"
     percentile: float = 99.99

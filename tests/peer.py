@@ -4,13 +4,17 @@ yolo9's modules import `utils.general` as a top-level package, which collides wi
 `load_peer()` imports it with its own tree first on sys.path and then puts our modules back, so
 both live side by side in one process. `pickled_as_upstream()` makes torch.save write the peer's
 classes under upstream's module paths (`models.common.Conv`, ...), as a real upstream checkpoint has.
+Below them: helpers the model tests share (configs, BN randomization, output comparison, one thread).
 """
 import contextlib
 import importlib
+import importlib.util
+import logging
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _COLLIDING = ("utils", "models")
 
@@ -29,12 +33,11 @@ def load_peer():
         return _PEER
     spec = importlib.util.find_spec("yolo9")
     if spec is None:
-        pytest.skip("test-only peer 'yolo9' is not installed")
+        pytest.skip("test-only peer 'yolo9' is not installed (see requirements-test.txt)")
     root = str(Path(spec.origin).parent)
     ours = _pop_modules(_COLLIDING)
     sys.path.insert(0, root)
     try:
-        import logging
         yolo = importlib.import_module("yolo9.models.yolo")
         common = importlib.import_module("yolo9.models.common")
         logging.getLogger("yolov5").setLevel(logging.WARNING)
@@ -87,8 +90,6 @@ def peer_cfg(name):
 
 def quiet_peer():
     """The peer logs every layer it builds; keep test output readable."""
-    import logging
-
     for name in ("yolov5", "yolo9", "yolov9"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -96,8 +97,6 @@ def quiet_peer():
 def randomize_bn(model, seed=0):
     """Random BatchNorm running stats and affine parameters, so that BN folding (fuse) changes the
     weights and a mistake in it, or in copying state, shows in the outputs."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -112,8 +111,6 @@ def randomize_bn(model, seed=0):
 
 def flat_tensors(out):
     """Every tensor of a model output (tensors, nested lists and tuples), in order."""
-    import torch
-
     if isinstance(out, torch.Tensor):
         return [out]
     return [t for x in out for t in flat_tensors(x)]
@@ -121,8 +118,6 @@ def flat_tensors(out):
 
 def assert_outputs_close(a, b, rtol=1e-4):
     """Same structure, and each tensor equal within rtol of its own largest magnitude."""
-    import torch
-
     ta, tb = flat_tensors(a), flat_tensors(b)
     assert len(ta) == len(tb), f"{len(ta)} tensors vs {len(tb)}"
     for i, (x, y) in enumerate(zip(ta, tb)):
@@ -136,9 +131,40 @@ def assert_outputs_close(a, b, rtol=1e-4):
 def one_thread():
     """Run a test on one intra-op thread. On 2 cores shared with other jobs, torch's two OpenMP threads
     mostly wait for each other: these model tests run several times faster on one."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# A dual-head model small enough to pickle and unpickle in a fraction of a second that still holds one of
+# every class the detect configs use (Silence, Conv, AConv, ADown, ELAN1, RepNCSPELAN4 with RepNCSP /
+# RepNBottleneck / RepConvN, SPPELAN with SP, nn.Upsample, Concat, CBLinear, CBFuse, DualDDetect with DFL).
+MINI_DUAL = {
+    "nc": 3, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": 3,
+    "backbone": [
+        [-1, 1, "Silence", []],  # 0
+        [-1, 1, "Conv", [16, 3, 2]],  # 1-P1/2
+        [-1, 1, "ELAN1", [16, 16, 8]],  # 2
+        [-1, 1, "AConv", [32]],  # 3-P2/4
+        [-1, 1, "RepNCSPELAN4", [32, 32, 16, 1]],  # 4
+        [-1, 1, "ADown", [32]],  # 5-P3/8
+        [-1, 1, "ADown", [32]],  # 6-P4/16
+        [-1, 1, "ADown", [32]],  # 7-P5/32
+    ],
+    "head": [
+        [-1, 1, "SPPELAN", [32, 16]],  # 8 (P5)
+        [-1, 1, "nn.Upsample", ["None", 2, "nearest"]],  # 9
+        [[-1, 6], 1, "Concat", [1]],  # 10 (P4)
+        [5, 1, "CBLinear", [[16]]],  # 11
+        [6, 1, "CBLinear", [[16, 16]]],  # 12
+        [0, 1, "Conv", [16, 3, 2]],  # 13-P1/2, auxiliary branch
+        [-1, 1, "AConv", [16]],  # 14-P2/4
+        [-1, 1, "ADown", [16]],  # 15-P3/8
+        [[11, 12, -1], 1, "CBFuse", [[0, 0]]],  # 16
+        [-1, 1, "ADown", [16]],  # 17-P4/16
+        [[12, -1], 1, "CBFuse", [[1]]],  # 18
+        [-1, 1, "ADown", [16]],  # 19-P5/32
+        [[16, 18, 19, 5, 10, 8], 1, "DualDDetect", ["nc"]],  # 20
+    ],
+}

@@ -1,5 +1,6 @@
 """export.py: FP32 ONNX export; ONNX Runtime gives PyTorch's eval output."""
 import ast
+import logging
 import sys
 
 import onnx
@@ -10,7 +11,9 @@ import torch
 import export
 from models.experimental import attempt_load
 from models.yolo import DetectionModel
-from tests.peer import assert_outputs_close, one_thread, randomize_bn  # noqa: F401
+from tests.peer import one_thread  # noqa: F401  (fixture)
+from tests.peer import assert_outputs_close, randomize_bn
+from utils.general import LOGGER
 from utils.torch_utils import save_atomic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,13 +35,13 @@ def _session(path):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """gelan-t (nc=3) saved as a checkpoint and exported by the CLI with --dynamic --simplify."""
+    """gelan-t (nc=3) saved as a checkpoint and exported by the CLI with --dynamic."""
     d = tmp_path_factory.mktemp("export")
     weights = save_atomic({"model": _model("gelan-t").half(), "ema": None, "epoch": -1}, d / "tiny.pt")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = export.main(["--weights", str(weights), "--imgsz", str(IMG), "--dynamic", "--simplify"])
+        out = export.main(["--weights", str(weights), "--imgsz", str(IMG), "--dynamic"])
     finally:
         torch.set_num_threads(before)
     return weights, out
@@ -81,13 +84,36 @@ def test_dual_head_exports_main_head(tmp_path):
     assert_outputs_close(torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]), y_main)
 
 
-def test_simplify_without_onnxslim(exported, tmp_path, monkeypatch, capfd):
+def test_simplify(tmp_path):
+    """--simplify (onnxslim, seconds even on gelan-t: a few layers here) keeps the outputs and dynamic axes."""
+    pytest.importorskip("onnxslim")
+    tiny = {"nc": NC, "depth_multiple": 1.0, "width_multiple": 1.0,
+            "backbone": [[-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [32, 3, 2]], [-1, 1, "ELAN1", [32, 32, 16]],
+                         [-1, 1, "ADown", [32]], [-1, 1, "AConv", [32]], [-1, 1, "AConv", [32]]],
+            "head": [[[3, 4, 5], 1, "DDetect", ["nc"]]]}
+    torch.manual_seed(0)
+    model = randomize_bn(DetectionModel(tiny)).fuse().eval()
+    path = export.export_onnx(model, tmp_path / "tiny.onnx", IMG, dynamic=True, simplify=True)
+    x = torch.rand(2, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = model(x)[0]
+    assert_outputs_close(torch.from_numpy(_session(path).run(None, {"images": x.numpy()})[0]), ref)
+
+
+def test_simplify_without_onnxslim(exported, tmp_path, monkeypatch):
     _, out = exported
     copy = tmp_path / "copy.onnx"
     copy.write_bytes(out.read_bytes())
     monkeypatch.setitem(sys.modules, "onnxslim", None)  # import onnxslim -> ImportError
-    export._simplify(copy)
-    assert "onnxslim" in capfd.readouterr().out and copy.read_bytes() == out.read_bytes()
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    LOGGER.addHandler(handler)
+    try:
+        export._simplify(copy)
+    finally:
+        LOGGER.removeHandler(handler)
+    assert any("onnxslim" in r.getMessage() for r in records) and copy.read_bytes() == out.read_bytes()
 
 
 def test_bad_input(exported, tmp_path, capfd):

@@ -74,10 +74,21 @@ def test_resume_continues_a_killed_run(tmp_path, data):
         if epoch == 0:
             raise _Killed  # as if the process died right after writing last.pt
 
+    mosaic = {}  # dataset.mosaic per epoch: --close-mosaic 1 turns it off for the last epoch, also after resume
+
+    def on_start(ctx):
+        cb.run_state = ctx
+
+    def on_epoch(epoch):
+        mosaic[epoch] = cb.run_state.dataset.mosaic
+
     cb = Callbacks()
     cb.register_action("on_model_save", kill_after_first_save)
+    cb.register_action("on_train_start", on_start)
+    cb.register_action("on_train_epoch_start", on_epoch)
     with pytest.raises(_Killed):
-        train.run(**_common(tmp_path, data, epochs=2, hyp=_hyp(**STILL), name="run", noplots=False), callbacks=cb)
+        train.run(**_common(tmp_path, data, epochs=2, hyp=_hyp(**STILL), name="run", noplots=False, close_mosaic=1),
+                  callbacks=cb)
     run_dir = tmp_path / "run"
     last = run_dir / "weights" / "last.pt"
     ck = load_checkpoint(last)  # the safe loader reads what train.py writes
@@ -91,14 +102,17 @@ def test_resume_continues_a_killed_run(tmp_path, data):
 
     seen = {}
 
-    def on_start(ctx):
+    def on_resumed(ctx):
+        cb.run_state = ctx
         seen.update(start=ctx.start_epoch, updates=ctx.ema.updates, best=ctx.best_fitness,
                     state=copy.deepcopy(ctx.optimizer.state_dict()["state"]),  # training updates it in place
                     lr=[g["lr"] for g in ctx.optimizer.param_groups])
 
     cb = Callbacks()
-    cb.register_action("on_train_start", on_start)
+    cb.register_action("on_train_start", on_resumed)
+    cb.register_action("on_train_epoch_start", on_epoch)
     opt = train.run(resume=str(last), device="cpu", workers=0, callbacks=cb)
+    assert mosaic == {0: True, 1: False}
     assert Path(opt.save_dir) == run_dir and opt.epochs == 2 and opt.name == "run"  # the run's own opt
     assert seen["start"] == 1 and seen["updates"] == 1 and seen["best"] == ck["best_fitness"]
     assert seen["lr"] == [g["lr"] for g in ck["optimizer"]["param_groups"]]
@@ -178,3 +192,18 @@ def test_ddp_two_cpu_processes(tmp_path, data):
     ck = load_checkpoint(tmp_path / "ddp" / "weights" / "last.pt")
     assert ck["epoch"] == 0 and ck["updates"] == 1  # EMA (rank 0) saw the one optimizer step
     assert len(read_results_csv(tmp_path / "ddp" / "results.csv")[1]) == 1
+
+
+def test_schedules_and_early_stopping():
+    from utils.torch_utils import EarlyStopping, intersect_dicts, linear_lr, one_cycle, one_flat_cycle
+
+    lin, cos, flat = linear_lr(0.01, 10), one_cycle(1, 0.01, 10), one_flat_cycle(1, 0.01, 10)
+    assert lin(0) == 1 and lin(10) == pytest.approx(0.01) and lin(5) == pytest.approx(0.505)
+    assert cos(0) == 1 and cos(10) == pytest.approx(0.01) and cos(5) == pytest.approx(0.505)
+    assert flat(0) == flat(5) == 1 and flat(10) == pytest.approx(0.01) and 0.01 < flat(8) < 1
+    stop = EarlyStopping(patience=2)
+    assert [stop(e, f) for e, f in enumerate([0.1, 0.2, 0.15, 0.19])] == [False, False, False, True]
+    assert not any(EarlyStopping(patience=0)(e, 0.0) for e in range(50))  # 0 = never stop
+    a = {"x.weight": torch.zeros(2, 3), "y.bias": torch.zeros(4), "z": torch.zeros(1)}
+    b = {"x.weight": torch.ones(2, 3), "y.bias": torch.ones(5)}
+    assert list(intersect_dicts(a, b)) == ["x.weight"]

@@ -69,8 +69,8 @@ def layer_mapping(dual, single):
     """{single layer index: dual layer index} for every layer the single model's head depends on."""
     dh, sh = dual.model[-1], single.model[-1]
     if not isinstance(dh, DualDDetect):
-        raise UserError(f"the checkpoint's model has a {type(dh).__name__} head, not DualDDetect: it is not a dual-head "
-                        f"(yolov9-t/s/m/c/e) training model and needs no reparameterization")
+        raise UserError(f"the checkpoint's model has a {type(dh).__name__} head, not DualDDetect: it is not a "
+                        f"dual-head (yolov9-t/s/m/c/e) training model and needs no reparameterization")
     if type(sh) is not DDetect:
         raise UserError(f"--cfg builds a {type(sh).__name__} head; pass the single-head GELAN config "
                         f"(e.g. models/detect/gelan-c.yaml for yolov9-c)")
@@ -89,8 +89,8 @@ def layer_mapping(dual, single):
             continue
         if s in mapping:
             if mapping[s] != d:
-                raise UserError(f"--cfg does not match the checkpoint: its layer {s} would take weights from dual layers "
-                                f"{mapping[s]} and {d}")
+                raise UserError(f"--cfg does not match the checkpoint: its layer {s} would take weights from dual "
+                                f"layers {mapping[s]} and {d}")
             continue
         if not _same_layer(single.model[s], dual.model[d]):
             raise UserError(f"--cfg does not match the checkpoint: its layer {s} ({type(single.model[s]).__name__}) "
@@ -102,7 +102,8 @@ def layer_mapping(dual, single):
                             f"has {len(src_d)}")
         mapping[s] = d
         stack.extend(zip(src_s, src_d))
-    orphans = [i for i, m in enumerate(single.model[:-1]) if i not in mapping and next(m.parameters(), None) is not None]
+    orphans = [i for i, m in enumerate(single.model[:-1])
+               if i not in mapping and next(m.parameters(), None) is not None]
     if orphans:
         raise UserError(f"--cfg layers {orphans} have weights but no counterpart on the dual model's main branch")
     return mapping
@@ -121,7 +122,12 @@ def _main_head_state(dual_head):
 
 @torch.no_grad()
 def reparameterize_model(dual, cfg):
-    """A new single-head DetectionModel built from `cfg`, carrying the main branch of `dual` (unfused)."""
+    """A new single-head DetectionModel built from `cfg`, carrying the main branch of `dual` and its main
+    head; unfused like `dual` (or fused, when `dual` was saved fused). Eval mode."""
+    if not isinstance(getattr(dual, "model", None), nn.Sequential) or not isinstance(dual.model[-1], DualDDetect):
+        head = type(dual.model[-1]).__name__ if isinstance(getattr(dual, "model", None), nn.Sequential) else "no"
+        raise UserError(f"the checkpoint's model has {head} head, not DualDDetect: it is not a dual-head "
+                        f"(yolov9-t/s/m/c/e) training model and needs no reparameterization")
     dh = dual.model[-1]
     single = DetectionModel(cfg, ch=getattr(dual, "yaml", {}).get("ch", 3), nc=dh.nc)
     if not any(isinstance(m, nn.BatchNorm2d) for m in dual.modules()):
@@ -133,12 +139,14 @@ def reparameterize_model(dual, cfg):
     try:
         sh.load_state_dict(_main_head_state(dh))
     except RuntimeError as e:
-        raise UserError(f"--cfg head does not match the dual model's main head: {str(e).splitlines()[-1].strip()}") from None
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"--cfg head does not match the dual model's main head: {detail}") from None
     if not torch.equal(sh.stride.cpu(), dh.stride.cpu()):
         raise UserError(f"--cfg head strides {sh.stride.tolist()} differ from the dual model's {dh.stride.tolist()}")
-    for attr in ("names", "nc", "hyp"):
+    for attr in ("names", "hyp"):
         if hasattr(dual, attr):
             setattr(single, attr, getattr(dual, attr))
+    single.nc = dh.nc  # as upstream's converted files carry it
     LOGGER.info(f"reparameterize: {len(mapping)} layers + main head copied from {type(dual).__name__} "
                 f"({sum(p.numel() for p in dual.parameters()):,} -> {sum(p.numel() for p in single.parameters()):,} "
                 f"parameters)")
@@ -151,7 +159,8 @@ def default_cfg(dual):
     candidate = ROOT / "models" / "detect" / name.replace("yolov9", "gelan")
     if name.startswith("yolov9") and candidate.is_file():
         return candidate
-    raise UserError("cannot tell which GELAN config matches this checkpoint; pass --cfg (e.g. models/detect/gelan-c.yaml)")
+    raise UserError("cannot tell which GELAN config matches this checkpoint; pass --cfg "
+                    "(e.g. models/detect/gelan-c.yaml)")
 
 
 def run(weights, cfg=None, out=None, trusted=False):

@@ -6,7 +6,7 @@ train.py calls `callbacks.run(hook, ...)` at fixed points; a hook that raises st
 from collections import defaultdict
 
 HOOKS = (
-    "on_train_start",  # (ctx): namespace with model, optimizer, ema, start_epoch, epochs, dataset, best_fitness, save_dir
+    "on_train_start",  # (ctx): model, optimizer, ema, start_epoch, epochs, dataset, best_fitness, save_dir
     "on_train_epoch_start",  # (epoch)
     "on_train_batch_end",  # (epoch, i, loss_items)
     "on_fit_epoch_end",  # (epoch, row: dict of the results.csv row, best_fitness, fitness)

@@ -152,10 +152,11 @@ def check_dataset(data, required=("train", "val")):
     """Read and check a data yaml (path or dict) and return it as a dict with absolute paths.
 
     A relative `path` (the dataset root) is resolved against the current directory when it exists
-    there (and holds the train/val splits, if it exists in both places), else against the yaml
-    file's folder; without `path`, the yaml file's folder (the current directory for a dict). `train`/`val`/`test` are made
-    absolute (a folder, a .txt list of images, or a list of those); `names` becomes a list and `nc`
-    is checked against it. Splits named in `required` must exist, others only warn. Nothing is
+    there (and holds the train/val splits, if it exists in several places), else against the yaml
+    file's folder, else against the repository root; without `path`, the yaml file's folder (the
+    current directory for a dict). `train`/`val`/`test` are made absolute (a folder, a .txt list of
+    images, or a list of those); `names` becomes a list and `nc` is checked against it. Splits
+    named in `required` must exist, others only warn. Nothing is
     ever downloaded: every problem is a UserError saying what is wrong and how to fix it."""
     yaml_dir = Path.cwd()
     where = "data"
@@ -189,7 +190,9 @@ def check_dataset(data, required=("train", "val")):
 
     root = Path(str(data.get("path") or ".")).expanduser()
     if not root.is_absolute():
-        candidates = [Path.cwd() / root, yaml_dir / root] if data.get("path") else [yaml_dir]
+        # ... then the repository root (upstream's ROOT / path), so data/demo.yaml works from any folder
+        candidates = [Path.cwd() / root, yaml_dir / root, Path(__file__).resolve().parents[1] / root] \
+            if data.get("path") else [yaml_dir]
         # the first candidate that exists and holds the splits; else the first that exists
         usable = [c for c in candidates if c.exists()]
         holds_splits = [c for c in usable if all(_split_exists(c, data.get(k)) for k in ("train", "val") if data.get(k))]

@@ -9,7 +9,8 @@ import torch
 
 from models.experimental import attempt_load, load_checkpoint, model_from_checkpoint
 from models.yolo import DDetect, DetectionModel, DualDDetect
-from tests.peer import (assert_outputs_close, flat_tensors, load_peer, one_thread, peer_cfg, pickled_as_upstream,  # noqa: F401
+from tests.peer import one_thread  # noqa: F401  (fixture)
+from tests.peer import (MINI_DUAL, assert_outputs_close, flat_tensors, load_peer, peer_cfg, pickled_as_upstream,
                         quiet_peer, randomize_bn)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +26,8 @@ def peer():
 
 def _peer_model(peer, name, seed):
     torch.manual_seed(seed)
-    m = randomize_bn(peer.DetectionModel(str(peer_cfg(name)), nc=NC), seed=seed)
+    cfg = deepcopy(MINI_DUAL) if name == "mini-dual" else str(peer_cfg(name))
+    m = randomize_bn(peer.DetectionModel(cfg, nc=NC), seed=seed)
     m.nc, m.names, m.hyp = NC, ["cat", "dog", "fox"], {"box": 7.5, "cls": 0.5, "dfl": 1.5}
     return m
 
@@ -97,14 +99,14 @@ def test_upstream_train_checkpoint(peer, tmp_path, name, head):
             assert_outputs_close(fused(x), _reference(model, x))
 
 
-@pytest.mark.parametrize("name", ["gelan-t", "yolov9-t"])
+@pytest.mark.parametrize("name", ["gelan-t", "yolov9-t", "mini-dual"])  # mini-dual: every module class
 def test_upstream_converted_checkpoint(peer, tmp_path, name):
     model = _peer_model(peer, name, seed=4)
     x = torch.rand(2, 3, IMG, IMG)
     ref = _reference(model, x)
     path = _save_as_upstream(_converted_layout(model), tmp_path / f"{name}-converted.pt")
     loaded = attempt_load(path)
-    _check_loaded(loaded, DualDDetect if name.startswith("yolov9") else DDetect)
+    _check_loaded(loaded, DDetect if name.startswith("gelan") else DualDDetect)
     with torch.no_grad():
         assert_outputs_close(loaded(x), ref)
 

@@ -8,7 +8,7 @@ import torch
 
 from models.experimental import attempt_load, load_checkpoint
 from models.yolo import DetectionModel, load_model_yaml
-from tests.peer import one_thread  # noqa: F401
+from tests.peer import one_thread  # noqa: F401  (fixture)
 from utils.general import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,8 +7,9 @@ import torch.nn as nn
 import yaml
 
 from models.yolo import DetectionModel, DualDDetect, load_model_yaml, parse_model
-from tests.peer import (CONFIGS, OUR_CFG_DIR, assert_outputs_close, load_peer, one_thread, peer_cfg,  # noqa: F401
-                        quiet_peer, randomize_bn)
+from tests.peer import one_thread  # noqa: F401  (fixture)
+from tests.peer import (CONFIGS, MINI_DUAL, OUR_CFG_DIR, assert_outputs_close, load_peer, peer_cfg, quiet_peer,
+                        randomize_bn)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,7 +20,8 @@ IMG = 64  # smallest size that keeps all three levels (P5 is 2x2)
 PEER_FULL_BUILD = {"gelan-t", "gelan-s", "gelan-m", "yolov9-t", "yolov9-s", "yolov9-m"}
 # gelan-e is the main branch of yolov9-e (same classes, same blocks): its
 # layers are compared below, its outputs through yolov9-e (and tests/tools/test_reparameterize)
-OUTPUT_CONFIGS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c", "yolov9-t", "yolov9-s", "yolov9-m", "yolov9-c", "yolov9-e")
+OUTPUT_CONFIGS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c",
+                  "yolov9-t", "yolov9-s", "yolov9-m", "yolov9-c", "yolov9-e")
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,20 @@ def test_train_outputs_match_upstream(peer, name):
     # both updated their BN running stats from the same batch
     for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), k
+
+
+def test_every_module_class_matches_upstream(peer):
+    """A small dual model holding one of every module class: state_dict, outputs, fused outputs."""
+    torch.manual_seed(0)
+    ours = DetectionModel(deepcopy(MINI_DUAL))
+    theirs = randomize_bn(peer.DetectionModel(deepcopy(MINI_DUAL)), seed=2)
+    assert torch.equal(ours.stride, theirs.stride)
+    shapes = [(k, v.shape) for k, v in theirs.state_dict().items()]
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == shapes
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.rand(2, 3, IMG, 2 * IMG)  # not square
+    with torch.no_grad():
+        ref = theirs(x)
+        assert_outputs_close(ours(x), ref)
+        assert_outputs_close(ours.fuse()(x), theirs.fuse()(x))

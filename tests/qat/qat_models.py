@@ -17,15 +17,29 @@ NC = 6  # the demo data's classes
 VAR_FLOOR = 0.25
 
 
-def small_cfg(name="gelan-t", depth=1):
-    """A models/detect config with every RepNCSPELAN4's repeat count set to `depth` (structure
-    kept; depth=0: the config's own counts)."""
+CHANNEL_ARGS = {"Conv": 1, "AConv": 1, "ADown": 1, "RepNCSPELAN4": 3, "ELAN1": 3, "SPPELAN": 2, "RepNCSP": 1}
+
+
+def _thin(c, width):
+    return max(8, c // width)
+
+
+def small_cfg(name="gelan-t", depth=1, width=8):
+    """A models/detect config, same topology, made cheap: every RepNCSPELAN4 repeat count set to
+    `depth` (0: the config's own) and every channel count divided by `width` (at least 8; CBLinear
+    splits and the layers they are added to shrink alike, so CBFuse sums still line up)."""
     from models.yolo import load_model_yaml
 
     cfg = deepcopy(load_model_yaml(str(ROOT / "models/detect" / f"{name}.yaml")))
     for layer in cfg["backbone"] + cfg["head"]:
-        if depth and layer[2] == "RepNCSPELAN4" and len(layer[3]) >= 4:
-            layer[3] = list(layer[3][:3]) + [depth]
+        kind, args = layer[2], list(layer[3])
+        if depth and kind == "RepNCSPELAN4" and len(args) >= 4:
+            args[3] = depth
+        if width > 1 and kind in CHANNEL_ARGS:
+            args = [_thin(a, width) if k < CHANNEL_ARGS[kind] else a for k, a in enumerate(args)]
+        elif width > 1 and kind == "CBLinear":
+            args = [[_thin(c, width) for c in args[0]]] + args[1:]
+        layer[3] = args
     cfg["nc"] = NC
     return cfg
 
@@ -50,25 +64,25 @@ def data_init(model, seed=0, imgsz=IMGSZ, n=4):
 
 
 @lru_cache(maxsize=None)
-def _fp32(cfg_name, depth, seed):
+def _fp32(cfg_name, depth, width, seed):
     from models.yolo import DetectionModel
 
     torch.manual_seed(seed)
-    m = DetectionModel(small_cfg(cfg_name, depth), nc=NC)
+    m = DetectionModel(small_cfg(cfg_name, depth, width), nc=NC)
     m.names = [f"c{i}" for i in range(NC)]
     return data_init(m, seed).fuse().eval()
 
 
-def fp32_model(cfg_name="gelan-t", depth=1, seed=0):
-    """Fused FP32 model (a fresh copy). depth=0: the config's own repeat counts."""
-    return deepcopy(_fp32(cfg_name, depth, seed))
+def fp32_model(cfg_name="gelan-t", depth=1, width=8, seed=0):
+    """Fused FP32 model (a fresh copy) of small_cfg(cfg_name, depth, width)."""
+    return deepcopy(_fp32(cfg_name, depth, width, seed))
 
 
-def unfused_model(cfg_name="gelan-t", depth=1, seed=0):
+def unfused_model(cfg_name="gelan-t", depth=1, width=8, seed=0):
     from models.yolo import DetectionModel
 
     torch.manual_seed(seed)
-    m = DetectionModel(small_cfg(cfg_name, depth), nc=NC)
+    m = DetectionModel(small_cfg(cfg_name, depth, width), nc=NC)
     m.names = [f"c{i}" for i in range(NC)]
     return data_init(m, seed)
 

@@ -68,9 +68,11 @@ def _check_blocks(model):
             for u in ups:
                 assert u.input_quantizer is m.input_quantizer
             seen.add("Concat")
-        elif isinstance(m, CBFuse):  # the elementwise sum: one scale, the consumer's
-            assert m.add_quantizer is _first_iq(layers[i + 1])
-            seen.add("CBFuse")
+    fuses = [m for m in layers if isinstance(m, CBFuse)]
+    if fuses:  # every addend of a CBFuse sum through one quantizer; the CBLinear outputs are split
+        # across the levels, so all CBFuse sums (and the resized slices) end up in one class
+        assert len({id(m.add_quantizer) for m in fuses}) == 1
+        seen.add("CBFuse")
     return seen
 
 
@@ -129,7 +131,7 @@ def test_users_own_yaml():
 
     cfg = {"nc": NC, "depth_multiple": 1.0, "width_multiple": 1.0,
            "backbone": [[-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [32, 3, 2]], [-1, 1, "ELAN1", [32, 32, 16]],
-                        [-1, 1, "ADown", [64]], [-1, 1, "RepNCSP", [64, 1]], [-1, 1, "nn.MaxPool2d", [3, 2, 1]],
+                        [-1, 1, "ADown", [64]], [-1, 1, "RepNCSP", [64, 64, 1]], [-1, 1, "nn.MaxPool2d", [3, 2, 1]],
                         [-1, 1, "Conv", [64, 3, 1]]],
            "head": [[-1, 1, "nn.Upsample", [None, 2, "nearest"]], [[-1, 4, 3], 1, "Concat", [1]],
                     [-1, 1, "RepNCSPELAN4", [64, 64, 32, 1]], [-1, 1, "ADown", [64]], [[-1, 6], 1, "Concat", [1]],

@@ -6,8 +6,9 @@ import torch
 
 from models.experimental import attempt_load, load_checkpoint, model_from_checkpoint
 from models.yolo import DDetect, DetectionModel
-from tests.peer import (assert_outputs_close, load_peer, one_thread, peer_cfg, pickled_as_upstream,  # noqa: F401
-                        quiet_peer, randomize_bn)
+from tests.peer import one_thread  # noqa: F401  (fixture)
+from tests.peer import (assert_outputs_close, load_peer, peer_cfg, pickled_as_upstream, quiet_peer,
+                        randomize_bn)
 from tools import reparameterize
 from utils.general import UserError
 from utils.torch_utils import save_atomic

@@ -9,6 +9,7 @@ import yaml
 
 from utils import demo_data
 from utils.demo_data import CLASS_NAMES, ROOT, generate, main, write_repo_yaml
+from utils.general import check_dataset
 
 pytest.importorskip("skimage", reason="the demo data generator needs scikit-image (requirements.txt)")
 
@@ -67,11 +68,17 @@ def test_labels_are_valid_yolo_boxes_of_several_classes(tmp_path):
     assert Path(d["path"]) == root.resolve() and d["names"] == list(CLASS_NAMES) and d["nc"] == len(CLASS_NAMES)
 
 
-def test_repo_yaml_points_at_datasets_demo():
+def test_repo_yaml_points_at_datasets_demo(tmp_path, monkeypatch):
     d = yaml.safe_load((ROOT / "data" / "demo.yaml").read_text())
     assert d["path"] == "datasets/demo" and d["train"] == "images/train" and d["val"] == "images/val"
     assert d["names"] == list(CLASS_NAMES) and d["nc"] == len(CLASS_NAMES)
     assert demo_data.parse_opt([]).out == "datasets/demo"
+    # a relative `path` also resolves against the repository root, from any working directory
+    monkeypatch.chdir(tmp_path)
+    got = check_dataset({"path": "models", "train": "detect", "val": "detect", "names": ["a"]})
+    assert got["train"] == str(ROOT / "models" / "detect")
+    if (ROOT / "datasets" / "demo" / "images" / "val").is_dir():
+        assert check_dataset(ROOT / "data" / "demo.yaml")["path"] == str(ROOT / "datasets" / "demo")
 
 
 def test_write_repo_yaml_relative_inside_absolute_outside(tmp_path):

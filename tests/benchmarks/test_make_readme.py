@@ -1,0 +1,34 @@
+"""benchmarks/make_readme.py: the README results section is generated from the results JSON."""
+import json
+
+from benchmarks.make_readme import END, START, section, update
+
+
+def _latency_result():
+    row = lambda ms, s, i: {"latency_ms": ms, "imgs_per_s": 1000 / ms, "speedup": s, "int8_convs": i,  # noqa: E731
+                            "convs": 145}
+    return {"name": "gelan-c", "model": "gelan-c, random weights", "imgsz": 640, "threads": 2,
+            "date": "2026-01-01T00:00:00", "sizes_mb": {"FP32 .pt": 96.6},
+            "machine": {"cpu": "Test CPU", "logical_cpus": 2, "int8": "no VNNI/AMX", "openvino": "2026.0",
+                        "torch": "2.x", "python": "3.11"},
+            "batches": {"1": {"FP32 ONNX": row(700.0, 1.0, 0), "QAT Q/DQ ONNX (u8 form)": row(350.0, 2.0, 144),
+                              "NNCF PTQ INT8": row(400.0, 1.75, 142)}}}
+
+
+def test_section_and_readme_update(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "gelan-c.json").write_text(json.dumps(_latency_result()))
+    text = section(res, tmp_path)
+    assert text.startswith(START) and text.rstrip().endswith(END)
+    assert "**2.00x** the FP32 ONNX at batch 1" in text and "QAT 1.14x NNCF's speed" in text
+    assert "| QAT Q/DQ ONNX (u8 form) | 1 | 350.0 | 2.86 | 2.00x | 144/145 |" in text
+    assert "Machine: Test CPU" in text
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n")
+    assert "appended" in update(readme, text)
+    readme.write_text(readme.read_text() + "\n## After\n")
+    assert "replaced" in update(readme, text.replace("2.00x", "9.99x"))
+    out = readme.read_text()
+    assert out.count(START) == 1 and "9.99x" in out and out.endswith("## After\n") and out.startswith("# title")

@@ -1,0 +1,64 @@
+"""qat.checkpoint: the round trip restores exactly the same fake-quant outputs, through the safe loader."""
+import pytest
+import torch
+
+from models.experimental import load_checkpoint
+from qat.calibrate import calibrate
+from qat.checkpoint import is_qat_checkpoint, load_qat, save_qat
+from qat.compat import UserError
+from qat.finetune import FinetuneOptions, Trainer
+from qat.quantize import quantizer_summary, quantize_model
+from qat.settings import QuantSettings
+from qat_models import fp32_model, images, save_fp32_checkpoint
+
+
+def _outputs(model, x):
+    model.eval()
+    with torch.no_grad():
+        y, maps = model(x)
+    model.train()
+    with torch.no_grad():
+        raw = model(x)
+    model.eval()
+    flat = lambda o: torch.cat([t.flatten() for t in o]) if isinstance(o, (list, tuple)) else o.flatten()  # noqa
+    return [flat(y), flat([flat(m) for m in raw])]
+
+
+@pytest.mark.parametrize("cfg,settings", [
+    ("gelan-t", QuantSettings()),
+    ("yolov9-c", QuantSettings(weight_bits=7, calib_method="percentile", no_last_layer=True,
+                               skip_layers=[r"^model\.5\."])),
+])
+def test_round_trip_identical_outputs(cfg, settings, tmp_path):
+    fp32 = fp32_model(cfg)
+    q = quantize_model(fp32_model(cfg), settings)
+    calibrate(q, [images(2, seed=3)], settings, show=False)
+    fp32.hyp = q.hyp = {}
+    trainer = Trainer(q, fp32, FinetuneOptions(lr=3e-3))  # big steps: some weights leave their range
+    for s in range(2):
+        trainer.step(((images(2, seed=s) * 255).to(torch.uint8),), 3e-3)
+    trainer.close()  # the saved model must not depend on hooks being gone: save_qat strips them anyway
+    f = save_qat(tmp_path / "qat.pt", q, settings, {"epoch": 3, "opt": {"weights": tmp_path / "w.pt"}})
+
+    ckpt = load_checkpoint(f)  # the project's safe loader, no --trusted
+    assert is_qat_checkpoint(ckpt) and ckpt["epoch"] == 3 and ckpt["opt"]["weights"] == str(tmp_path / "w.pt")
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+    assert not [g for g in unsafe if "modelopt" in g or g.startswith("qat.")], unsafe
+
+    loaded, s2, _ = load_qat(f)
+    assert s2 == settings
+    x = images(2, seed=9)
+    for a, b in zip(_outputs(q, x), _outputs(loaded, x)):
+        assert torch.equal(a, b)
+    rows = {r["name"]: r for r in quantizer_summary(q)}
+    rows2 = {r["name"]: r for r in quantizer_summary(loaded)}
+    assert rows.keys() == rows2.keys()
+    assert all(rows[k]["amax"] == rows2[k]["amax"] and rows[k]["enabled"] == rows2[k]["enabled"] for k in rows)
+
+
+def test_plain_checkpoint_is_not_qat(tmp_path):
+    f = save_fp32_checkpoint(tmp_path / "fp32.pt")
+    assert not is_qat_checkpoint(load_checkpoint(f))
+    with pytest.raises(UserError, match="plain checkpoint, not a QAT one") as e:
+        load_qat(f)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,122 @@
+"""qat.finetune: distillation steps lower the loss, the det/both losses, schedule, checkpoints,
+Ctrl-C and resume."""
+import pytest
+import torch
+
+from qat.calibrate import calibrate
+from qat.checkpoint import load_qat
+from qat.compat import UserError
+from qat.finetune import (FinetuneOptions, LayerOutputs, Trainer, cosine_lr, distill_loss, finetune,
+                          supervised_layers)
+from qat.quantize import quantize_model
+from qat.settings import QuantSettings
+from qat_models import IMGSZ, fp32_model, images
+
+HYP = {"box": 7.5, "cls": 0.5, "dfl": 1.5, "cls_pw": 1.0}
+
+
+def _pair(cfg="gelan-t", weight_bits=8):
+    fp32 = fp32_model(cfg)
+    q = quantize_model(fp32_model(cfg), QuantSettings(weight_bits=weight_bits))
+    calibrate(q, [images(4, seed=3)], show=False)
+    fp32.hyp = q.hyp = dict(HYP)
+    return q, fp32
+
+
+def _batch(seed=0, n=2):
+    imgs = (images(n, seed=seed) * 255).to(torch.uint8)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.3, 0.6, 0.2, 0.2]])
+    return imgs, targets, [f"im{i}.jpg" for i in range(n)], None
+
+
+def _distill(q, fp32, x, stride=1):
+    layers = supervised_layers(q, stride)
+    hs, ht = LayerOutputs(q, layers), LayerOutputs(fp32, layers)
+    with torch.no_grad():
+        q.train()(x)
+        fp32.train()(x)
+    loss = float(distill_loss(hs.pop(), ht.pop()))
+    hs.remove()
+    ht.remove()
+    return loss
+
+
+def test_qat_steps_lower_distillation_loss():
+    q, fp32 = _pair(weight_bits=7)  # the coarser grid leaves more to recover
+    batch = _batch()
+    x = batch[0].float() / 255
+    before = _distill(q, fp32, x)
+    trainer = Trainer(q, fp32, FinetuneOptions())  # the defaults: Adam, lr 1e-5
+    steps = [trainer.step(batch, 1e-5)["distill"] for _ in range(10)]
+    trainer.close()
+    after = _distill(q, fp32, x)
+    assert before > 0 and after < 0.85 * before, (before, steps, after)
+    assert all(p.requires_grad for n, p in q.named_parameters() if ".dfl." not in n)
+
+
+def test_supervised_layers_and_schedule():
+    q, _ = _pair()
+    n = len(q.model)
+    assert supervised_layers(q, 1) == list(range(n))
+    assert supervised_layers(q, 5) == [0, 5, 10, 15, 20, n - 1]
+    yolo = fp32_model("yolov9-c")
+    assert 0 not in supervised_layers(yolo, 1)  # Silence passes its input through
+    o = FinetuneOptions(lr=1e-4, lrf=0.01)
+    assert cosine_lr(o, 0, 100) == pytest.approx(1e-4) and cosine_lr(o, 100, 100) == pytest.approx(1e-6)
+    assert 1e-6 < cosine_lr(o, 50, 100) < 1e-4
+
+
+@pytest.mark.parametrize("loss", ["det", "both"])
+def test_detection_losses(loss):
+    q, fp32 = _pair()
+    trainer = Trainer(q, fp32, FinetuneOptions(loss=loss, lr=1e-4))
+    items = trainer.step(_batch(), 1e-4)
+    trainer.close()
+    assert items["det"] > 0 and (("distill" in items) == (loss == "both"))
+    del q.hyp
+    with pytest.raises(UserError, match="--hyp"):
+        Trainer(q, fp32, FinetuneOptions(loss="det"))
+
+
+def test_bad_options():
+    for kw, msg in [({"loss": "kl"}, "--loss kl"), ({"optimizer": "Lion"}, "--optimizer Lion"),
+                    ({"supervision_stride": 0}, "--supervision-stride"), ({"lr": 0}, "--lr")]:
+        with pytest.raises(UserError, match=msg):
+            FinetuneOptions(**kw).validate()
+
+
+def test_finetune_checkpoints_interrupt_and_resume(tmp_path, monkeypatch):
+    q, fp32 = _pair()
+    loader = [_batch(seed=s) for s in range(3)]
+    maps = iter([0.2, 0.1, 0.3])
+    val_fn = lambda m: {"mp": 0.5, "mr": 0.5, "map50": 0.5, "map": next(maps)}  # noqa: E731
+    settings = QuantSettings()
+    opts = FinetuneOptions(epochs=2, iters_per_epoch=3, lr=1e-4, save_dir=tmp_path, save_period=2, settings=settings,
+                           extra={"opt": {"imgsz": IMGSZ}}, show=False)
+
+    calls = {"n": 0}
+    step = Trainer.step
+
+    def dying_step(self, batch, lr):  # Ctrl-C in the 5th iteration (epoch 2, iteration 2)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return step(self, batch, lr)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(q, fp32, loader, val_fn, opts)
+    monkeypatch.setattr(Trainer, "step", step)
+    _, _, last = load_qat(tmp_path / "qat_last.pt")
+    _, _, best = load_qat(tmp_path / "qat_best.pt")
+    assert (last["epoch"], last["iteration"]) == (1, 1) and len(last["history"]) == 1
+    assert best["epoch"] == 1 and best["best_fitness"] == pytest.approx(0.2) and last["opt"] == {"imgsz": IMGSZ}
+    assert last["optimizer"]["state"]  # momentum buffers kept for resume
+
+    model, _, ckpt = load_qat(tmp_path / "qat_last.pt")
+    resume = {k: ckpt[k] for k in ("epoch", "iteration", "optimizer", "best_fitness", "history")}
+    opts.resume = resume
+    history = finetune(model, fp32, loader, val_fn, opts)
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["map"] == pytest.approx(0.1)
+    _, _, best = load_qat(tmp_path / "qat_best.pt")
+    assert best["epoch"] == 1  # epoch 2 (0.1) did not beat epoch 1 (0.2)

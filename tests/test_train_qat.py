@@ -1,0 +1,147 @@
+"""train_qat.py end to end on tiny generated data (thin gelan-t, 64 px): artifacts and report, PTQ
+only, a killed run resumed, the sensitivity command, bad input as one-line errors, torchrun with
+two CPU processes (gloo), and train.py --qat."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train_qat
+from qat.checkpoint import is_qat_checkpoint, load_qat
+from qat.compat import UserError, load_checkpoint
+from qat.finetune import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "qat"))
+from qat_models import IMGSZ, save_fp32_checkpoint  # noqa: E402
+
+FAST = dict(imgsz=IMGSZ, batch_size=2, calib_batches=2, iters_per_epoch=2, device="cpu", workers=0, exist_ok=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from utils.demo_data import generate
+
+    root = tmp_path_factory.mktemp("qat_e2e")
+    data = generate(root / "data", n_train=8, n_val=4, imgsz=96)
+    weights = save_fp32_checkpoint(root / "fp32.pt", imgsz=IMGSZ)
+    return {"root": root, "data": str(data), "weights": str(weights)}
+
+
+def _run(tiny, name, **kw):
+    base = dict(weights=tiny["weights"], data=tiny["data"], project=str(tiny["root"] / "runs"), name=name, **FAST)
+    return train_qat.run_api(**{**base, **kw})
+
+
+def _acts(state):
+    return {k: float(v) for k, v in state.items() if v.numel() == 1}
+
+
+def test_qat_run_killed_and_resumed(tiny, monkeypatch):
+    calls = {"n": 0}
+    step = Trainer.step
+
+    def dying_step(self, batch, lr):  # Ctrl-C in epoch 2
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return step(self, batch, lr)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, "qat", epochs=2)
+    monkeypatch.setattr(Trainer, "step", step)
+    run_dir = tiny["root"] / "runs" / "qat"
+    last = run_dir / "weights" / "qat_last.pt"
+    ckpt = load_checkpoint(last)
+    assert is_qat_checkpoint(ckpt) and (ckpt["epoch"], ckpt["iteration"]) == (1, 0)
+    for f in ("opt.yaml", "calibration.md", "calibration.json", "weights/qat_best.pt"):
+        assert (run_dir / f).is_file(), f
+
+    out = train_qat.run_api(resume=str(last), device="cpu", workers=0)
+    assert out["save_dir"] == run_dir and [h["epoch"] for h in out["history"]] == [1, 2]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [r["model"] for r in report] == ["FP32", "PTQ", "QAT"]
+    assert all("d_map" in r for r in report) and report[0]["d_map"] == 0.0
+    assert "| QAT |" in (run_dir / "report.md").read_text()
+    model, settings, best = load_qat(run_dir / "weights" / "qat_best.pt")
+    assert settings.weight_bits == 8 and best["opt"]["imgsz"] == IMGSZ
+    with pytest.raises(UserError, match="already finished"):
+        train_qat.run_api(resume=str(last), device="cpu", workers=0)
+
+
+def test_ptq_only_and_torchrun(tiny):
+    """--epochs 0 saves the calibrated model as qat_best.pt; torchrun with 2 gloo processes runs a
+    QAT epoch, and its merged calibration equals one process calibrating on all the same images."""
+    out = _run(tiny, "ptq", epochs=0, no_eval_origin=True, batch_size=4, calib_batches=4)
+    best = out["save_dir"] / "weights" / "qat_best.pt"
+    ckpt = load_checkpoint(best)
+    assert is_qat_checkpoint(ckpt) and ckpt["epoch"] == 0 and out["history"] == []
+    assert [r["model"] for r in json.loads((out["save_dir"] / "report.json").read_text())] == ["PTQ"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port: other tests may run torchrun at the same time
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "train_qat.py"), "--weights", tiny["weights"], "--data", tiny["data"], "--imgsz", str(IMGSZ),
+           "--batch-size", "4", "--calib-batches", "4", "--epochs", "1", "--iters-per-epoch", "2", "--device", "cpu",
+           "--workers", "0", "--project", str(tiny["root"] / "runs"), "--name", "ddp", "--exist-ok"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp_dir = tiny["root"] / "runs" / "ddp"
+    ddp = load_checkpoint(ddp_dir / "weights" / "qat_last.pt")
+    assert ddp["epoch"] == 1 and len(ddp["history"]) == 1 and "map" in ddp["history"][0]
+    assert [r["model"] for r in json.loads((ddp_dir / "report.json").read_text())] == ["FP32", "PTQ", "QAT"]
+    a, b = _acts(ddp["qat"]["quantizer_state"]), _acts(ckpt["qat"]["quantizer_state"])
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+
+
+def test_sensitivity_command(tiny):
+    out = train_qat.run_api(command="sensitive", weights=tiny["weights"], data=tiny["data"],
+                            project=str(tiny["root"] / "runs"), name="sens", auto_skip=0.0, val_batches=1,
+                            **{k: v for k, v in FAST.items() if k != "iters_per_epoch"})
+    ranked = out["ranked"]
+    assert len(ranked) == 23 and all({"layer", "type", "map", "gain"} <= r.keys() for r in ranked)
+    assert [r["gain"] for r in ranked] == sorted((r["gain"] for r in ranked), reverse=True)
+    assert out["auto_skip"]["budget"] == 0.0
+    sens = json.loads((out["save_dir"] / "sensitivity.json").read_text())
+    assert sens["layers"] == ranked and "auto-skip" in (out["save_dir"] / "sensitivity.md").read_text()
+
+
+def test_bad_input_one_line(tiny, tmp_path):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
+    three = tmp_path / "three.yaml"
+    d = yaml.safe_load(Path(tiny["data"]).read_text())
+    three.write_text(yaml.safe_dump({**d, "nc": 3, "names": ["a", "b", "c"]}))
+    cases = [(dict(weights=str(onnx)), "is an ONNX file"),
+             (dict(data=str(three)), "predicts 6 classes but"),
+             (dict(calib_method="minmax"), "--calib-method 'minmax' is unknown"),
+             (dict(imgsz=70), "--imgsz 70 is not a multiple of the model stride 32"),
+             (dict(loss="kl"), "--loss kl is unknown")]
+    for kw, msg in cases:
+        with pytest.raises(UserError, match=msg) as e:
+            _run(tiny, "bad", **kw)
+        assert "\n" not in str(e.value)
+    p = subprocess.run([sys.executable, str(ROOT / "train_qat.py"), "--calib-method", "minmax"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert p.returncode == 2 and lines == ["error: --calib-method 'minmax' is unknown: use one of max, percentile, "
+                                           "mse, entropy"], p.stderr[-2000:]
+
+
+def test_train_py_qat(tiny):
+    import train
+
+    opt = train.run(weights=tiny["weights"], data=tiny["data"], qat=True, epochs=1, imgsz=IMGSZ, batch_size=4,
+                    device="cpu", workers=0, project=str(tiny["root"] / "runs"), name="trainqat", exist_ok=True)
+    run_dir = Path(opt.save_dir)
+    assert is_qat_checkpoint(load_checkpoint(run_dir / "weights" / "qat_best.pt"))
+    assert [r["model"] for r in json.loads((run_dir / "report.json").read_text())] == ["FP32", "PTQ", "QAT"]
+    assert len(opt.results) == 7
