@@ -1,0 +1,118 @@
+"""The main job, end to end on the embedded default (bundled demo checkpoint, demo data, CPU, OpenVINO):
+
+    python demo.py [--epochs 1 --iters-per-epoch 60 --name demo]
+
+1. generates the demo dataset if absent (utils.demo_data),
+2. QAT-fine-tunes the demo checkpoint (train_qat.py: FP32 / PTQ / QAT rows),
+3. exports the Q/DQ ONNX (export_qat.py) and the FP32 ONNX baseline (export.py),
+4. runs the Q/DQ ONNX in INT8 on OpenVINO through the same val code (val_trt.py),
+5. times FP32 ONNX vs INT8 ONNX on OpenVINO side by side (alternating rounds, batch 1),
+and prints one table: FP32 / PTQ / QAT / deployed-INT8 mAP and the latency ratio, saved as
+runs/demo/<name>/summary.{md,json}. Each step is the user's own command, run as a subprocess, so the
+demo proves exactly what a user runs.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from utils.general import LOGGER, UserError, colorstr, run_cli  # noqa: E402
+
+DEMO_WEIGHTS = ROOT / "weights/demo-gelan.pt"
+DEMO_DATA = ROOT / "data/demo.yaml"
+
+
+def _run(step, args):
+    """Run one of the project's commands; a failure stops the demo with that command's exit status."""
+    cmd = [sys.executable, *map(str, args)]
+    LOGGER.info(f"\n{colorstr('demo')}: step {step}: {' '.join(cmd[1:])}")
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT)
+    if r.returncode:
+        raise UserError(f"step {step} failed (exit {r.returncode}): {' '.join(map(str, args))}")
+    return time.time() - t0
+
+
+def _latency_ratio(fp32_onnx, int8_onnx, threads, rounds=5, iters=5, imgsz=320):
+    """Median OpenVINO latency (ms, batch 1) of both files, measured in alternating rounds so that
+    machine noise hits both alike."""
+    import torch
+
+    from qat.deploy import load_backend
+
+    fp32 = load_backend("openvino", fp32_onnx, threads=threads)
+    int8 = load_backend("openvino", int8_onnx, threads=threads)
+    x = torch.rand(1, 3, imgsz, imgsz)
+    for m in (fp32, int8):  # warm-up, then forget it
+        m(x)
+        m.times.clear()
+    for _ in range(rounds):
+        for m in (fp32, int8):
+            for _ in range(iters):
+                m(x)
+    return fp32.latency_ms(), int8.latency_ms()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default=str(DEMO_WEIGHTS), help="FP32 checkpoint (default: the demo checkpoint)")
+    p.add_argument("--data", default=str(DEMO_DATA), help="dataset yaml (default: the demo data)")
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--epochs", type=int, default=1, help="QAT epochs")
+    p.add_argument("--iters-per-epoch", type=int, default=60, help="QAT iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--weight-bits", type=int, default=8, help="7 for CPUs without VNNI (DESIGN.md section 5)")
+    p.add_argument("--threads", type=int, default=2, help="OpenVINO threads for the latency comparison")
+    p.add_argument("--name", default="demo")
+    opt = p.parse_args(argv)
+
+    t_start = time.time()
+    out = ROOT / "runs/demo" / opt.name
+    out.mkdir(parents=True, exist_ok=True)
+    if Path(opt.data).resolve() == DEMO_DATA.resolve() and not (ROOT / "datasets/demo/images/val").is_dir():
+        _run("1/5 demo data", ["-m", "utils.demo_data", "--out", ROOT / "datasets/demo", "--workers", "2"])
+    qat_dir = ROOT / "runs/qat" / opt.name
+    _run("2/5 QAT", ["train_qat.py", "--weights", opt.weights, "--data", opt.data, "--imgsz", opt.imgsz,
+                     "--epochs", opt.epochs, "--iters-per-epoch", opt.iters_per_epoch, "--batch-size",
+                     opt.batch_size, "--weight-bits", opt.weight_bits, "--device", "cpu", "--workers", "2",
+                     "--project", ROOT / "runs/qat", "--name", opt.name, "--exist-ok"])
+    qat_best = qat_dir / "weights/qat_best.pt"
+    _run("3/5 export Q/DQ ONNX", ["export_qat.py", "--weights", qat_best, "--imgsz", opt.imgsz, "--device", "cpu"])
+    fp32_pt = out / "fp32.pt"
+    fp32_pt.write_bytes(Path(opt.weights).read_bytes())  # export.py writes the ONNX beside its weights
+    _run("3/5 export FP32 ONNX", ["export.py", "--weights", fp32_pt, "--imgsz", opt.imgsz, "--device", "cpu"])
+    _run("4/5 deploy INT8 (OpenVINO)", ["val_trt.py", "--onnx", qat_best.with_suffix(".onnx"), "--data", opt.data,
+                                        "--weights", qat_best, "--imgsz", opt.imgsz, "--backend", "openvino",
+                                        "--batch-size", 8, "--workers", "2", "--project", ROOT / "runs/val_trt",
+                                        "--name", opt.name, "--exist-ok"])
+    LOGGER.info(f"\n{colorstr('demo')}: step 5/5 latency, FP32 ONNX vs INT8 ONNX on OpenVINO")
+    fp32_ms, int8_ms = _latency_ratio(fp32_pt.with_suffix(".onnx"), qat_best.with_suffix(".onnx"), opt.threads,
+                                      imgsz=opt.imgsz)
+
+    report = json.loads((qat_dir / "report.json").read_text())
+    deployed = json.loads((ROOT / "runs/val_trt" / opt.name / "results.json").read_text())
+    rows = [(f'{r["model"]} (PyTorch)', r["map"], r["map50"]) for r in report]
+    rows += [(r["model"], r["mAP50-95"], r["mAP50"]) for r in deployed["rows"] if "deployed" in r["model"]]
+    fp32_map = next((m for name, m, _ in rows if "FP32" in name), None)
+    lines = [f"# yolov9-qat demo ({Path(opt.weights).name}, {Path(opt.data).name}, {opt.imgsz} px, CPU)", "",
+             "| model | mAP50-95 | mAP50 | delta mAP50-95 vs FP32 |", "|---|---|---|---|"]
+    for name, m, m50 in rows:
+        delta = f"{m - fp32_map:+.4f}" if fp32_map is not None else ""
+        lines.append(f"| {name} | {m:.4f} | {m50:.4f} | {delta} |")
+    lines += ["", f"OpenVINO latency, batch 1, {opt.threads} threads: FP32 ONNX {fp32_ms:.1f} ms, INT8 Q/DQ ONNX "
+                  f"{int8_ms:.1f} ms: {fp32_ms / int8_ms:.2f}x faster",
+              f"wall time of this demo: {time.time() - t_start:.0f} s"]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "fp32_ms": fp32_ms, "int8_ms": int8_ms,
+                                                  "speedup": fp32_ms / int8_ms}, indent=1))
+    LOGGER.info("\n" + text + f"Saved to {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
