@@ -33,6 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from qat.compat import UserError
+from qat.rules import UnionFind
 
 PRESERVE_OPS = {"Split", "Slice", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "Resize",
                 "Upsample", "Identity", "Cast", "Pad"}  # output carries its (first) input's scale
@@ -154,23 +155,6 @@ def find_pairs(graph):
     return pairs
 
 
-class _UnionFind:
-    def __init__(self):
-        self.parent = {}
-
-    def find(self, a):
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-
 def _is_float_cast(node):
     """A Cast to a float type whose input is a float tensor of that same type (a no-op)."""
     if node.op != "Cast":
@@ -203,7 +187,7 @@ def scale_classes(graph, pairs=None):
     pairs; only classes holding at least two pairs are returned, in graph order."""
     gs = _gs()
     pairs = find_pairs(graph) if pairs is None else pairs
-    uf = _UnionFind()
+    uf = UnionFind()
     variables = lambda ts: [t for t in ts if isinstance(t, gs.Variable)]  # noqa: E731
     group_ops = defaultdict(list)
     for n in graph.nodes:

@@ -28,7 +28,7 @@ _JOIN = {"cat", "concat", "concatenate", "stack"}  # inputs and output: one clas
 _ADD = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "__rsub__"}  # inputs: one class
 
 
-class _UnionFind:
+class UnionFind:  # disjoint sets; qat.graph uses it too
     def __init__(self):
         self.parent = {}
 
@@ -109,7 +109,7 @@ def trace_groups(model, example=None):
     objects = {id(q): q for *_, q in slots}
     every = {id(q): q for *_, q in quantizer_slots(model)}
     seen = {k: [] for k in objects}
-    uf = _UnionFind()
+    uf = UnionFind()
 
     def pre_hook(module, args):
         seen[id(module)].append(args[0])
