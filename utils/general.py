@@ -1,4 +1,5 @@
 """General helpers shared by every command: logging, user-facing errors, small numeric utilities."""
+import errno
 import logging
 import math
 import os
@@ -51,6 +52,9 @@ def make_divisible(x, divisor):
 # Command line helpers
 
 
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EROFS, errno.ENOSPC, errno.EEXIST}
+
+
 def run_cli(main_fn):
     """Run a CLI entry point: a UserError becomes `error: <message>` on stderr and exit status 2,
     Ctrl-C becomes one line and exit status 130. Anything else is a bug and keeps its traceback."""
@@ -58,6 +62,12 @@ def run_cli(main_fn):
         return main_fn()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # an output folder that can't be written: the user's to fix, not a bug
+        if e.errno not in _UNWRITABLE:
+            raise
+        print(f"error: cannot write {e.filename or 'output'}: {e.strerror}; choose another --project/--out "
+              f"or fix its permissions or free space", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
