@@ -145,26 +145,23 @@ class QuantRepNCSP(QuantMixin, RepNCSP):
         return self.cv3(torch.cat((q(self.m(self.cv1(x))), q(self.cv2(x))), 1))
 
 
-class QuantELAN1(QuantMixin, ELAN1):
+class _QuantELANForward:
+    """ELAN1 and RepNCSPELAN4 share one forward: every Concat input through the one cat_quantizer."""
+    QUANT_POINTS = ("cat_quantizer",)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        for m in (self.cv2, self.cv3):
+            y.append(m(y[-1]))
+        return self.cv4(torch.cat([self.cat_quantizer(t) for t in y], 1))
+
+
+class QuantELAN1(_QuantELANForward, QuantMixin, ELAN1):
     FLOAT = ELAN1
-    QUANT_POINTS = ("cat_quantizer",)
-
-    def forward(self, x):
-        y = list(self.cv1(x).chunk(2, 1))
-        for m in (self.cv2, self.cv3):
-            y.append(m(y[-1]))
-        return self.cv4(torch.cat([self.cat_quantizer(t) for t in y], 1))
 
 
-class QuantRepNCSPELAN4(QuantMixin, RepNCSPELAN4):
+class QuantRepNCSPELAN4(_QuantELANForward, QuantMixin, RepNCSPELAN4):
     FLOAT = RepNCSPELAN4
-    QUANT_POINTS = ("cat_quantizer",)
-
-    def forward(self, x):
-        y = list(self.cv1(x).chunk(2, 1))
-        for m in (self.cv2, self.cv3):
-            y.append(m(y[-1]))
-        return self.cv4(torch.cat([self.cat_quantizer(t) for t in y], 1))
 
 
 class QuantADown(QuantMixin, ADown):
