@@ -119,7 +119,7 @@ except ImportError:  # upstream YOLOv9 clone: its attempt_load unpickles anythin
                 raise UserError("model ensembles are not supported; pass one weights file")
             weights = weights[0]
         ckpt = load_checkpoint(weights, trusted=trusted)
-        model = (ckpt.get("ema") or ckpt["model"]).to(device).float()
+        model = (ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]).to(device).float()
         if not hasattr(model, "stride"):
             model.stride = torch.tensor([32.0])
         if hasattr(model, "names") and isinstance(model.names, (list, tuple)):
