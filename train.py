@@ -83,6 +83,9 @@ def load_hyp(hyp):
     bad = [k for k in HYP_KEYS if isinstance(hyp[k], bool) or not isinstance(hyp[k], (int, float))]
     if bad:
         raise UserError(f"hyperparameter {bad[0]}={hyp[bad[0]]!r} is not a number")
+    nbs = hyp.get("nbs", NBS)
+    if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs < 1:
+        raise UserError(f"hyperparameter nbs={nbs!r} must be a positive integer (nominal batch size, default {NBS})")
     return hyp
 
 
@@ -249,8 +252,9 @@ def train(hyp, opt, device, callbacks):
                         f"class labels must be 0-{nc - 1}")
 
     # Optimizer, LR schedule, EMA
-    accumulate = max(round(NBS / batch_size), 1)
-    hyp["weight_decay"] *= batch_size * accumulate / NBS
+    nbs = hyp.get("nbs", NBS)  # optional hyp key (not in upstream's yamls): fewer images per optimizer step
+    accumulate = max(round(nbs / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / nbs
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     if opt.cos_lr:
         lf = one_cycle(1, hyp["lrf"], epochs)
@@ -317,7 +321,7 @@ def train(hyp, opt, device, callbacks):
             # Warmup: bias lr falls from warmup_bias_lr, other lrs rise from 0, momentum rises
             if ni <= nw:
                 xi = [0, nw]
-                accumulate = max(1, int(np.interp(ni, xi, [1, NBS / batch_size]).round()))
+                accumulate = max(1, int(np.interp(ni, xi, [1, nbs / batch_size]).round()))
                 for j, x in enumerate(optimizer.param_groups):
                     x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0,
                                                        x["initial_lr"] * lf(epoch)]))

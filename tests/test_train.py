@@ -65,6 +65,22 @@ def test_a_few_steps_lower_the_loss(tmp_path, data):
     assert len(opt.results) == 7
 
 
+def test_nbs_sets_images_per_optimizer_step(tmp_path, data):
+    """hyp `nbs` (default 64, upstream's fixed value): 8 images in batches of 4 are 2 optimizer steps
+    with nbs 4, one with nbs 8 (gradients of 2 batches accumulated); data/hyps/hyp.demo.yaml uses it."""
+    steps = {}
+    for nbs in (4, 8):
+        opt = train.run(**_common(tmp_path, data, batch_size=4, epochs=1, noval=True, optimizer="Adam",
+                                  hyp=_hyp(nbs=nbs, **STILL), name=f"nbs{nbs}"))
+        ckpt = load_checkpoint(Path(opt.save_dir) / "weights/last.pt")
+        steps[nbs] = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+    assert steps == {4: {2}, 8: {1}}
+    with pytest.raises(UserError, match="nbs=0 must be a positive integer"):
+        train.run(**_common(tmp_path, data, epochs=1, hyp=_hyp(nbs=0)))
+    assert yaml_load(ROOT / "data/hyps/hyp.demo.yaml")["nbs"] == 16
+    train.load_hyp(ROOT / "data/hyps/hyp.demo.yaml")  # a complete hyp file
+
+
 class _Killed(Exception):
     pass
 
