@@ -151,7 +151,8 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
                      f"the {tolerance} tolerance)")
         if not ok:
             LOGGER.warning(f"WARNING: the deployed model's mAP50-95 differs from {ref_name} by {delta:+.4f}: "
-                           f"the engine does not compute what the model was trained to compute")
+                           f"run benchmarks/bench_agreement.py to tell an engine that computes something else "
+                           f"from the val set's noise floor (too few images for this tolerance)")
     text = "\n".join([f"# val_trt: {model_path.name} on {Path(str(data.get(task)))}", "", table, ""] + extra) + "\n"
     (save_dir / "results.md").write_text(text)
     result = {"rows": rows, "reference": ref_name, "deployed_delta": delta, "backend": backend,

@@ -96,3 +96,16 @@ def test_cli(tmp_path, capsys):
     assert yaml.safe_load((tmp_path / "demo.yaml").read_text())["path"] == (tmp_path / "d").resolve().as_posix()
     assert main(["--out", str(tmp_path / "e"), "--n-train", "-1"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_demo_py_remakes_an_old_or_partial_dataset(tmp_path, monkeypatch):
+    """demo.py regenerates the demo data unless both splits have the current sizes (N_TRAIN, N_VAL)."""
+    import demo
+
+    monkeypatch.setattr(demo_data, "N_TRAIN", 3)
+    monkeypatch.setattr(demo_data, "N_VAL", 2)
+    assert not demo._demo_data_complete(tmp_path)  # absent
+    generate(tmp_path, n_train=3, n_val=2, imgsz=64)
+    assert demo._demo_data_complete(tmp_path)
+    monkeypatch.setattr(demo_data, "N_VAL", 4)  # an older, smaller val split
+    assert not demo._demo_data_complete(tmp_path)
