@@ -116,6 +116,9 @@ def main(argv=None):
     lines += ["", f"OpenVINO latency, batch 1, {opt.threads} threads: FP32 ONNX {fp32_ms:.1f} ms, INT8 Q/DQ ONNX "
                   f"{int8_ms:.1f} ms: {fp32_ms / int8_ms:.2f}x faster",
               f"wall time of this demo: {time.time() - t_start:.0f} s"]
+    from qat.pipeline import best_note
+
+    lines.insert(-2, f"deployed model: {best_note(qat_best)}")
     if deployed.get("deployed_delta") is not None:  # the engine must compute what the model was trained to
         lines.insert(-2, f"deployed INT8 vs {deployed['reference']}: mAP50-95 {deployed['deployed_delta']:+.4f} "
                          f"(val_trt.py tolerance 0.002; benchmarks/bench_agreement.py measures the noise floor)")

@@ -49,6 +49,7 @@ class FinetuneOptions:
     settings: object = None  # QuantSettings, stored in the checkpoints
     extra: dict = field(default_factory=dict)  # stored in the checkpoints (opt, ...)
     resume: dict = None  # {'epoch', 'iteration', 'optimizer', 'best_fitness', 'history'} from qat_last.pt
+    start_fitness: float = -1.0  # an epoch must beat this to replace qat_best.pt (the PTQ model's mAP50-95)
     show: bool = True
 
     def validate(self):
@@ -224,7 +225,7 @@ def finetune(model, fp32_model, train_loader, val_fn, opts):
     total = opts.epochs * iters
     res = opts.resume or {}
     start_epoch, start_iter = int(res.get("epoch", 0)), int(res.get("iteration", 0))
-    best = float(res.get("best_fitness", -1.0))
+    best = float(res.get("best_fitness", opts.start_fitness))
     history = list(res.get("history", []))
     if res.get("optimizer"):
         trainer.optimizer.load_state_dict(res["optimizer"])

@@ -277,7 +277,16 @@ def best_row(history):
     return max(rows, key=lambda h: h["map"]) if rows else None
 
 
-def write_report(rows, save_dir, title="QAT report"):
+def best_note(path):
+    """Which model qat_best.pt holds, in words."""
+    if not Path(path).is_file():
+        return ""
+    epoch = load_checkpoint(path).get("epoch", 0)
+    return (f"qat_best.pt: QAT epoch {epoch}" if epoch else
+            "qat_best.pt: the PTQ (calibrated) model: no QAT epoch beat its mAP50-95")
+
+
+def write_report(rows, save_dir, title="QAT report", note=""):
     """FP32 vs PTQ vs QAT table (markdown + JSON), deltas against FP32; printed too."""
     save_dir = Path(save_dir)
     ref = rows.get("FP32")
@@ -295,6 +304,8 @@ def write_report(rows, save_dir, title="QAT report"):
         if ref:
             cells += [f"{e['d_' + k]:+.4f}" for k in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
+    if note:
+        lines += ["", note]
     text = "\n".join(lines) + "\n"
     (save_dir / "report.md").write_text(text)
     LOGGER.info("\n" + text)
@@ -404,6 +415,12 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
             save_qat(wdir / "qat_best.pt", qmodel, settings, extra)
             save_qat(wdir / "qat_last.pt", qmodel, settings, extra)
     else:
+        if main and "PTQ" in rows and fopts.resume is None:
+            # qat_best.pt starts as the calibrated model: an epoch replaces it only with a higher mAP50-95,
+            # so fine-tuning can never hand back something worse than its starting point on the val set
+            fopts.start_fitness = rows["PTQ"]["map"]
+            save_qat(wdir / "qat_best.pt", qmodel, settings,
+                     dict(fopts.extra, epoch=0, iteration=0, best_fitness=fopts.start_fitness, history=[]))
         history = finetune(qmodel, fp32, train_loader, val_fn, fopts)
         best = best_row(history)
         if best is not None:
@@ -412,7 +429,7 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     if main:
         (save_dir / "history.json").write_text(json.dumps(history, indent=1))
         if rows:
-            write_report(rows, save_dir)
+            write_report(rows, save_dir, note=best_note(wdir / "qat_best.pt"))
         LOGGER.info(f"{colorstr('QAT: ')}results in {save_dir}; weights {wdir / 'qat_best.pt'}")
     _barrier()
     return {"save_dir": save_dir, "rows": rows, "history": history, "best": wdir / "qat_best.pt",

@@ -71,6 +71,11 @@ def test_qat_run_killed_and_resumed(tiny, monkeypatch):
     assert "| QAT |" in (run_dir / "report.md").read_text()
     model, settings, best = load_qat(run_dir / "weights" / "qat_best.pt")
     assert settings.weight_bits == 8 and best["opt"]["imgsz"] == IMGSZ
+    # qat_best.pt is the PTQ model unless a QAT epoch beat its mAP50-95, and the report says which
+    ptq, qat = report[1]["map"], max(h["map"] for h in out["history"])
+    assert best["epoch"] == (0 if qat <= ptq else next(h["epoch"] for h in out["history"] if h["map"] == qat))
+    assert best["best_fitness"] == pytest.approx(max(ptq, qat))
+    assert ("qat_best.pt: QAT epoch" if best["epoch"] else "qat_best.pt: the PTQ") in (run_dir / "report.md").read_text()
     with pytest.raises(UserError, match="already finished"):
         train_qat.run_api(resume=str(last), device="cpu", workers=0)
 

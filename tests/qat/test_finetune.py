@@ -120,3 +120,24 @@ def test_finetune_checkpoints_interrupt_and_resume(tmp_path, monkeypatch):
     assert [h["epoch"] for h in history] == [1, 2] and history[1]["map"] == pytest.approx(0.1)
     _, _, best = load_qat(tmp_path / "qat_best.pt")
     assert best["epoch"] == 1  # epoch 2 (0.1) did not beat epoch 1 (0.2)
+
+
+def test_an_epoch_must_beat_the_start_fitness(tmp_path):
+    """start_fitness (the pipeline passes the PTQ model's mAP50-95): an epoch below it does not
+    replace qat_best.pt; one above it does."""
+    q, fp32 = _pair()
+    loader = [_batch(seed=s) for s in range(2)]
+    maps = iter([0.3, 0.5])
+    val_fn = lambda m: {"mp": 0.5, "mr": 0.5, "map50": 0.5, "map": next(maps)}  # noqa: E731
+    opts = FinetuneOptions(epochs=2, iters_per_epoch=1, lr=1e-4, save_dir=tmp_path, settings=QuantSettings(),
+                           start_fitness=0.4, show=False)
+    opts.epochs = 1
+    finetune(q, fp32, loader, val_fn, opts)
+    assert not (tmp_path / "qat_best.pt").exists() and (tmp_path / "qat_last.pt").exists()
+    _, _, last = load_qat(tmp_path / "qat_last.pt")
+    opts.epochs = 2
+    opts.resume = {k: last[k] for k in ("epoch", "iteration", "optimizer", "best_fitness", "history")}
+    assert opts.resume["best_fitness"] == pytest.approx(0.4)  # the start fitness is carried into a resume
+    finetune(q, fp32, loader, val_fn, opts)
+    _, _, best = load_qat(tmp_path / "qat_best.pt")
+    assert best["epoch"] == 2 and best["best_fitness"] == pytest.approx(0.5)
