@@ -66,6 +66,34 @@ def _demo_data_complete(root):
                for split, n in (("train", N_TRAIN), ("val", N_VAL)))
 
 
+def summary(title, report, deployed, best, threads, fp32_ms, int8_ms, wall_s):
+    """The demo's markdown -> (text, quantization rows, deployment rows). Two protocols, never mixed in
+    one table: train_qat.py's val (rectangular batches, as val.py) and val_trt.py's (the deployed
+    file's fixed input shape: square letterbox), each on the same val images."""
+    rows = [(r["model"], r["map"], r["map50"]) for r in report]
+    deploy_rows = [(r["model"], r["mAP50-95"], r["mAP50"]) for r in deployed["rows"]]
+    fp32_map = next((m for name, m, _ in rows if "FP32" in name), None)
+    ref = deployed.get("reference")
+    ref_map = next((m for name, m, _ in deploy_rows if name == ref), None)
+
+    def table(entries, base, base_name):
+        out = [f"| model | mAP50-95 | mAP50 | delta mAP50-95 vs {base_name} |", "|---|---|---|---|"]
+        for name, m, m50 in entries:
+            out.append(f"| {name} | {m:.4f} | {m50:.4f} | " + (f"{m - base:+.4f} |" if base is not None else "|"))
+        return out
+
+    lines = [f"# {title}", "", "Quantization (train_qat.py, PyTorch, val.py's rectangular batches):", ""]
+    lines += table(rows, fp32_map, "FP32") + ["", best, "",
+                                              "Deployment of qat_best.onnx (val_trt.py, square letterbox):", ""]
+    lines += table(deploy_rows, ref_map, ref or "reference")
+    if deployed.get("deployed_delta") is not None:  # the engine must compute what the model was trained to
+        lines += ["", f"deployed INT8 vs {ref}: mAP50-95 {deployed['deployed_delta']:+.4f} (val_trt.py tolerance "
+                      f"0.002; benchmarks/bench_agreement.py measures the noise floor)"]
+    lines += ["", f"OpenVINO latency, batch 1, {threads} threads: FP32 ONNX {fp32_ms:.1f} ms, INT8 Q/DQ ONNX "
+                  f"{int8_ms:.1f} ms: {fp32_ms / int8_ms:.2f}x faster", f"wall time of this demo: {wall_s:.0f} s"]
+    return "\n".join(lines) + "\n", rows, deploy_rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=str(DEMO_WEIGHTS), help="FP32 checkpoint (default: the demo checkpoint)")
@@ -102,30 +130,16 @@ def main(argv=None):
     fp32_ms, int8_ms = _latency_ratio(fp32_pt.with_suffix(".onnx"), qat_best.with_suffix(".onnx"), opt.threads,
                                       imgsz=opt.imgsz)
 
-    report = json.loads((qat_dir / "report.json").read_text())
-    deployed = json.loads((ROOT / "runs/val_trt" / opt.name / "results.json").read_text())
-    rows = [(f'{r["model"]} (PyTorch)', r["map"], r["map50"]) for r in report]
-    rows += [(r["model"], r["mAP50-95"], r["mAP50"]) for r in deployed["rows"]
-             if "deployed" in r["model"] or r["model"] == deployed.get("reference")]
-    fp32_map = next((m for name, m, _ in rows if "FP32" in name), None)
-    lines = [f"# yolov9-qat demo ({Path(opt.weights).name}, {Path(opt.data).name}, {opt.imgsz} px, CPU)", "",
-             "| model | mAP50-95 | mAP50 | delta mAP50-95 vs FP32 |", "|---|---|---|---|"]
-    for name, m, m50 in rows:
-        delta = f"{m - fp32_map:+.4f}" if fp32_map is not None else ""
-        lines.append(f"| {name} | {m:.4f} | {m50:.4f} | {delta} |")
-    lines += ["", f"OpenVINO latency, batch 1, {opt.threads} threads: FP32 ONNX {fp32_ms:.1f} ms, INT8 Q/DQ ONNX "
-                  f"{int8_ms:.1f} ms: {fp32_ms / int8_ms:.2f}x faster",
-              f"wall time of this demo: {time.time() - t_start:.0f} s"]
     from qat.pipeline import best_note
 
-    lines.insert(-2, f"deployed model: {best_note(qat_best)}")
-    if deployed.get("deployed_delta") is not None:  # the engine must compute what the model was trained to
-        lines.insert(-2, f"deployed INT8 vs {deployed['reference']}: mAP50-95 {deployed['deployed_delta']:+.4f} "
-                         f"(val_trt.py tolerance 0.002; benchmarks/bench_agreement.py measures the noise floor)")
-    text = "\n".join(lines) + "\n"
+    report = json.loads((qat_dir / "report.json").read_text())
+    deployed = json.loads((ROOT / "runs/val_trt" / opt.name / "results.json").read_text())
+    title = f"yolov9-qat demo ({Path(opt.weights).name}, {Path(opt.data).name}, {opt.imgsz} px, CPU)"
+    text, rows, deploy_rows = summary(title, report, deployed, best_note(qat_best), opt.threads, fp32_ms, int8_ms,
+                                      time.time() - t_start)
     (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "fp32_ms": fp32_ms, "int8_ms": int8_ms,
-                                                  "speedup": fp32_ms / int8_ms}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "deployment": deploy_rows, "fp32_ms": fp32_ms,
+                                                  "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms}, indent=1))
     LOGGER.info("\n" + text + f"Saved to {out}")
 
 

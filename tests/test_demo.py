@@ -1,0 +1,18 @@
+"""demo.py's summary: quantization rows (train_qat.py's protocol) and deployment rows (val_trt.py's)
+in separate tables, each with deltas against its own baseline."""
+import demo
+
+
+def test_summary_keeps_the_two_protocols_apart():
+    report = [{"model": "FP32", "map": 0.50, "map50": 0.70}, {"model": "PTQ", "map": 0.49, "map50": 0.69},
+              {"model": "QAT", "map": 0.495, "map50": 0.695}]
+    deployed = {"rows": [{"model": "ONNX Runtime (reference)", "mAP50-95": 0.48, "mAP50": 0.68},
+                         {"model": "deployed (openvino)", "mAP50-95": 0.481, "mAP50": 0.681}],
+                "reference": "ONNX Runtime (reference)", "deployed_delta": 0.001}
+    text, rows, deploy_rows = demo.summary("demo", report, deployed, "qat_best.pt: QAT epoch 1", 2, 12.0, 8.0, 300)
+    quant, deploy = text.split("Deployment of qat_best.onnx")
+    assert "| QAT | 0.4950 | 0.6950 | -0.0050 |" in quant and "ONNX Runtime" not in quant
+    assert "| deployed (openvino) | 0.4810 | 0.6810 | +0.0010 |" in deploy and "| PTQ |" not in deploy
+    assert "qat_best.pt: QAT epoch 1" in quant and "mAP50-95 +0.0010 (val_trt.py tolerance" in deploy
+    assert "1.50x faster" in text and "wall time of this demo: 300 s" in text
+    assert [r[0] for r in rows] == ["FP32", "PTQ", "QAT"] and len(deploy_rows) == 2
