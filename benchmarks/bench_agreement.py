@@ -193,7 +193,7 @@ def _first_batches(loader, n):
 
 def to_markdown(r):
     nz = r["noise"]
-    lines = [f"# Deployment agreement: {Path(r['onnx']).name}, {r['images']} val images, {r['imgsz']} px",
+    lines = [f"# Deployment agreement ({r['name']}): {Path(r['onnx']).name}, {r['images']} val images, {r['imgsz']} px",
              "", f"{r['date']}; `python benchmarks/bench_agreement.py` ({r['seconds']:.0f} s)", "",
              "| model | mAP50-95 | mAP50 | vs reference | vs noise mean (std) | box diff px mean / p99 / max "
              "| score diff mean |", "|---|---|---|---|---|---|---|"]

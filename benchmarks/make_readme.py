@@ -67,6 +67,10 @@ def section(results_dir=RESULTS, readme_dir=ROOT):
         if "batches" in r:
             machine = machine or r.get("machine")
             lines += latency_section(r, readme_dir)
+        elif "noise" in r:  # benchmarks/bench_agreement.py
+            from benchmarks.bench_agreement import to_markdown
+
+            lines += [to_markdown(r).replace("# Deployment agreement", "### Deployment agreement", 1)]
         elif "rows" in r:
             lines += accuracy_section(f.stem, r)
     if machine:

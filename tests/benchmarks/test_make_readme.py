@@ -32,3 +32,19 @@ def test_section_and_readme_update(tmp_path):
     assert "replaced" in update(readme, text.replace("2.00x", "9.99x"))
     out = readme.read_text()
     assert out.count(START) == 1 and "9.99x" in out and out.endswith("## After\n") and out.startswith("# title")
+
+
+def test_agreement_results_get_their_own_section(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    agreement = {"name": "demo-gelan", "onnx": "x/qat_best.onnx", "images": 1000, "imgsz": 320, "date": "2026-01-01",
+                 "seconds": 10.0, "layer_flips": [],
+                 "noise": {"repeats": 2, "sigma": 1e-4, "mAP50-95": [0.47, 0.48], "mean": 0.475, "std": 0.007},
+                 "rows": [{"model": "ONNX Runtime (reference)", "mAP50-95": 0.48, "mAP50": 0.6, "delta_vs_reference": 0.0,
+                           "delta_vs_noise_mean_in_std": 0.7, "outputs_vs_reference": None}]}
+    (res / "agreement-demo-gelan.json").write_text(json.dumps(agreement))
+    (res / "gelan-c.json").write_text(json.dumps(_latency_result()))
+    text = section(res, tmp_path)
+    assert "### Deployment agreement (demo-gelan): qat_best.onnx, 1000 val images, 320 px" in text
+    assert "| ONNX Runtime (reference) | 0.4800 | 0.6000 | +0.0000 | +0.7 | - | - |" in text
+    assert "QAT 1.14x NNCF's speed" in text  # the latency section is still there
