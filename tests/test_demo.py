@@ -16,3 +16,10 @@ def test_summary_keeps_the_two_protocols_apart():
     assert "qat_best.pt: QAT epoch 1" in quant and "mAP50-95 +0.0010 (val_trt.py tolerance" in deploy
     assert "1.50x faster" in text and "wall time of this demo: 300 s" in text
     assert [r[0] for r in rows] == ["FP32", "PTQ", "QAT"] and len(deploy_rows) == 2
+
+
+def test_steps_run_single_threaded_unless_told(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert demo._step_env()["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert demo._step_env()["OMP_NUM_THREADS"] == "2"
