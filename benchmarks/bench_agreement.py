@@ -67,43 +67,36 @@ class Tap(nn.Module):
         return y
 
 
-def activation_dq_outputs(model):
-    """Names of the DequantizeLinear outputs that carry activations (not weights), in graph order."""
-    inits = {i.name for i in model.graph.initializer}
-    q_by_out = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    out = []
-    for n in model.graph.node:
-        q = q_by_out.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
-        if q is not None and q.input[0] not in inits:
-            out.append((n.output[0], n.input[1]))
-    return out
+def activation_dq_outputs(graph):
+    """[(DequantizeLinear output name, scale)] of the activation (not weight) Q/DQ pairs, in graph order."""
+    from qat.graph import find_pairs
+
+    return [(p.dq.outputs[0].name, float(np.max(p.scale))) for p in find_pairs(graph) if not p.weight]
 
 
 def layer_flips(onnx_path, images, n_points, threads):
     """[{tensor, depth, flips, flips_gt1}] OpenVINO vs ONNX Runtime on activation tensors along the
     network: each cut is its own sub-model (input -> that DQ output), run on the same images."""
-    import onnx
     import onnx.utils
 
     from qat.deploy import ONNXRuntimeBackend, OpenVINOBackend
+    from qat.graph import import_graph
 
-    model = onnx.load(str(onnx_path))
-    acts = activation_dq_outputs(model)
-    inits = {i.name: i for i in model.graph.initializer}
+    graph = import_graph(str(onnx_path))
+    acts, input_name = activation_dq_outputs(graph), graph.inputs[0].name
     picks = sorted({round(i) for i in np.linspace(0, len(acts) - 1, n_points)}) if acts else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in tqdm(picks, desc="layer flips", leave=False):
-            name, scale_name = acts[i]
+            name, scale = acts[i]
             f = Path(tmp) / "cut.onnx"
-            onnx.utils.extract_model(str(onnx_path), str(f), [model.graph.input[0].name], [name])
+            onnx.utils.extract_model(str(onnx_path), str(f), [input_name], [name])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ov = OpenVINOBackend(f, threads=threads, names=["x"], strides=[8, 16, 32])
                 ort = ONNXRuntimeBackend(f, threads=threads, names=["x"], strides=[8, 16, 32])
             a = np.concatenate([ov._infer(x) for x, _ in ov._fit(images)])
             b = np.concatenate([ort._infer(x) for x, _ in ort._fit(images)])
-            scale = float(np.max(onnx.numpy_helper.to_array(inits[scale_name]))) if scale_name in inits else 1.0
             steps = np.abs(a - b) / scale
             rows.append({"tensor": name, "depth": i, "of": len(acts), "flips": float(np.mean(steps > 0.5)),
                          "flips_gt1": float(np.mean(steps > 1.5)), "max_steps": float(steps.max())})

@@ -13,19 +13,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "qat"))
-from qat_models import IMGSZ, save_fp32_checkpoint  # noqa: E402
+from qat_models import IMGSZ, tiny_run_inputs  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from utils.demo_data import generate
-
-    root = tmp_path_factory.mktemp("fault")
-    data = generate(root / "data", n_train=8, n_val=4, imgsz=96)
-    weights = save_fp32_checkpoint(root / "fp32.pt", imgsz=IMGSZ)
-    return {"root": root, "data": str(data), "weights": str(weights)}
+    return tiny_run_inputs(tmp_path_factory.mktemp("fault"))
 
 
 def _qat_cmd(tiny, *extra):

@@ -18,19 +18,14 @@ from qat.finetune import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "qat"))
-from qat_models import IMGSZ, save_fp32_checkpoint  # noqa: E402
+from qat_models import IMGSZ, interrupt_step_at, tiny_run_inputs  # noqa: E402
 
 FAST = dict(imgsz=IMGSZ, batch_size=2, calib_batches=2, iters_per_epoch=2, device="cpu", workers=0, exist_ok=True)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from utils.demo_data import generate
-
-    root = tmp_path_factory.mktemp("qat_e2e")
-    data = generate(root / "data", n_train=8, n_val=4, imgsz=96)
-    weights = save_fp32_checkpoint(root / "fp32.pt", imgsz=IMGSZ)
-    return {"root": root, "data": str(data), "weights": str(weights)}
+    return tiny_run_inputs(tmp_path_factory.mktemp("qat_e2e"))
 
 
 def _run(tiny, name, **kw):
@@ -43,16 +38,7 @@ def _acts(state):
 
 
 def test_qat_run_killed_and_resumed(tiny, monkeypatch):
-    calls = {"n": 0}
-    step = Trainer.step
-
-    def dying_step(self, batch, lr):  # Ctrl-C in epoch 2
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return step(self, batch, lr)
-
-    monkeypatch.setattr(Trainer, "step", dying_step)
+    step = interrupt_step_at(monkeypatch, 3)  # Ctrl-C in epoch 2
     with pytest.raises(KeyboardInterrupt):
         _run(tiny, "qat", epochs=2)
     monkeypatch.setattr(Trainer, "step", step)

@@ -13,14 +13,7 @@ from utils.general import UserError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from qat.checkpoint import save_qat
-    from utils.demo_data import generate
-
-    d = tmp_path_factory.mktemp("val_trt")
-    data = generate(d / "demo", n_train=0, n_val=4, imgsz=kit.IMGSZ, seed=0)
-    ckpt = d / "qat_best.pt"
-    save_qat(ckpt, kit.qat_model())
-    return data, ckpt
+    return kit.val_inputs(tmp_path_factory.mktemp("val_trt"))
 
 
 def test_table_rows_agree(setup, tmp_path):

@@ -15,14 +15,7 @@ from utils.general import UserError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from qat.checkpoint import save_qat
-    from utils.demo_data import generate
-
-    d = tmp_path_factory.mktemp("agree")
-    data = generate(d / "demo", n_train=0, n_val=4, imgsz=kit.IMGSZ, seed=0)
-    ckpt = d / "qat_best.pt"
-    save_qat(ckpt, kit.qat_model())
-    return data, ckpt
+    return kit.val_inputs(tmp_path_factory.mktemp("agree"))
 
 
 def test_agreement_report(setup):

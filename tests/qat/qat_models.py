@@ -98,3 +98,31 @@ def save_fp32_checkpoint(path, cfg_name="gelan-t", seed=0, imgsz=IMGSZ):
 
 def images(n=2, seed=1, imgsz=IMGSZ):
     return torch.rand(n, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_run_inputs(root):
+    """{'root', 'data', 'weights'}: tiny demo data (8 train / 4 val, 96 px) and an FP32 checkpoint
+    under `root`, the inputs of the train_qat.py end-to-end tests."""
+    from utils.demo_data import generate
+
+    data = generate(Path(root) / "data", n_train=8, n_val=4, imgsz=96)
+    weights = save_fp32_checkpoint(Path(root) / "fp32.pt", imgsz=IMGSZ)
+    return {"root": Path(root), "data": str(data), "weights": str(weights)}
+
+
+def interrupt_step_at(monkeypatch, n):
+    """Make qat.finetune.Trainer.step raise KeyboardInterrupt (Ctrl-C) on its n-th call; returns the
+    original step, to put back with monkeypatch.setattr(Trainer, 'step', step)."""
+    from qat.finetune import Trainer
+
+    calls = {"n": 0}
+    step = Trainer.step
+
+    def dying_step(self, batch, lr):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return step(self, batch, lr)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    return step

@@ -174,3 +174,15 @@ def assert_same_detections(dets, refs, min_iou=0.95, conf_tol=0.01):
             j = next((j for j in ok[i].nonzero().flatten().tolist() if j not in used), None)
             assert j is not None, f"detection {d[i].tolist()} has no match in the reference"
             used.add(j)
+
+
+def val_inputs(folder):
+    """(data yaml, qat_best.pt): 4 demo val images at IMGSZ and the quantized test model's checkpoint
+    under `folder`, the inputs of the val_trt.py and bench_agreement tests."""
+    from qat.checkpoint import save_qat
+    from utils.demo_data import generate
+
+    data = generate(Path(folder) / "demo", n_train=0, n_val=4, imgsz=IMGSZ, seed=0)
+    ckpt = Path(folder) / "qat_best.pt"
+    save_qat(ckpt, qat_model())
+    return data, ckpt

@@ -10,7 +10,7 @@ from qat.finetune import (FinetuneOptions, LayerOutputs, Trainer, cosine_lr, dis
                           supervised_layers)
 from qat.quantize import quantize_model
 from qat.settings import QuantSettings
-from qat_models import IMGSZ, fp32_model, images
+from qat_models import IMGSZ, fp32_model, images, interrupt_step_at
 
 HYP = {"box": 7.5, "cls": 0.5, "dfl": 1.5, "cls_pw": 1.0}
 
@@ -94,16 +94,7 @@ def test_finetune_checkpoints_interrupt_and_resume(tmp_path, monkeypatch):
     opts = FinetuneOptions(epochs=2, iters_per_epoch=3, lr=1e-4, save_dir=tmp_path, save_period=2, settings=settings,
                            extra={"opt": {"imgsz": IMGSZ}}, show=False)
 
-    calls = {"n": 0}
-    step = Trainer.step
-
-    def dying_step(self, batch, lr):  # Ctrl-C in the 5th iteration (epoch 2, iteration 2)
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return step(self, batch, lr)
-
-    monkeypatch.setattr(Trainer, "step", dying_step)
+    step = interrupt_step_at(monkeypatch, 5)  # Ctrl-C in the 5th iteration (epoch 2, iteration 2)
     with pytest.raises(KeyboardInterrupt):
         finetune(q, fp32, loader, val_fn, opts)
     monkeypatch.setattr(Trainer, "step", step)
