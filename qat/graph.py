@@ -19,9 +19,8 @@ The pass then
 4. merges Q/DQ pairs that quantize one tensor with one scale into one pair,
 5. removes dead nodes.
 
-Also here, for the OpenVINO deployment path (DESIGN.md section 5), two rewrites of a copy of the
-graph: `activations_to_uint8` (lossless) and `requantize_weights` (7-bit weights for CPUs without
-VNNI / AMX).
+The OpenVINO-only rewrites of a copy of the graph (uint8 activations, 7-bit weights) live in
+`qat.deploy.openvino`.
 """
 import json
 from collections import defaultdict
@@ -384,113 +383,6 @@ def format_report(r):
         lines.append(f"  ... and {len(r['scale_changes']) - 50} more")
     lines.append(f"graph: {r['qdq']['QuantizeLinear']} QuantizeLinear, {r['qdq']['DequantizeLinear']} DequantizeLinear")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Rewrites for the OpenVINO deployment path (on a copy; the TensorRT-shaped file stays as it is)
-
-
-def _initializers(model):
-    return {t.name: t for t in model.graph.initializer}
-
-
-def activations_to_uint8(model):
-    """Rewrite every activation Q/DQ pair (per-tensor, int8, zero point 0) to uint8 with zero point
-    128, in place. Same scale: q_u8 = q_i8 + 128 over the same range, so the values are identical
-    (lossless); OpenVINO's CPU plugin then runs every convolution in u8 (DESIGN.md section 5).
-    Returns the number of Q/DQ nodes rewritten."""
-    constants_to_initializers(model)
-    inits = _initializers(model)
-    name = "qat_activation_zero_point_u8"
-    n = 0
-    q_outputs = set()
-    for node in model.graph.node:
-        if node.op_type not in QDQ_OPS or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        if node.op_type == "QuantizeLinear" and node.input[0] in inits:
-            continue  # a weight
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            continue  # a pre-quantized weight
-        scale = numpy_helper.to_array(inits[node.input[1]])
-        if scale.size != 1:
-            continue
-        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
-        if zp is not None and (zp.dtype != np.int8 or np.any(zp != 0)):
-            continue
-        if name not in inits:
-            t = numpy_helper.from_array(np.array(128, dtype=np.uint8), name)
-            model.graph.initializer.append(t)
-            inits[name] = t
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = name
-        if node.op_type == "QuantizeLinear":
-            q_outputs.add(node.output[0])
-        n += 1
-    for vi in list(model.graph.value_info) + list(model.graph.output):  # recorded types follow: int8 -> uint8
-        if vi.name in q_outputs and vi.type.tensor_type.elem_type == onnx.TensorProto.INT8:
-            vi.type.tensor_type.elem_type = onnx.TensorProto.UINT8
-    return n
-
-
-def _weight_pairs(model):
-    """[(Q node, DQ node)] of weights: QuantizeLinear of an initializer followed by a DequantizeLinear."""
-    inits = _initializers(model)
-    consumers = defaultdict(list)
-    for node in model.graph.node:
-        for t in node.input:
-            consumers[t].append(node)
-    out = []
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] in inits and node.input[1] in inits:
-            dqs = [c for c in consumers[node.output[0]] if c.op_type == "DequantizeLinear"]
-            out += [(node, dq) for dq in dqs]
-    return out
-
-
-def weight_levels(model):
-    """{weight name: largest |q|} of every Q/DQ-quantized weight (127 = full int8, <= 64 = 7-bit)."""
-    constants_to_initializers(model)
-    inits = _initializers(model)
-    out = {}
-    for q, _ in _weight_pairs(model):
-        w = numpy_helper.to_array(inits[q.input[0]]).astype(np.float32)
-        s = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
-        axis = q.attribute[0].i if q.attribute else 1
-        if s.size > 1:
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            s = s.reshape(shape)
-        out[q.input[0]] = int(np.abs(np.rint(w / s)).max()) if w.size else 0
-    return out
-
-
-def requantize_weights(model, bits=7):
-    """Weights whose integer values exceed `bits` (|q| > 2^(bits-1)) -> the same range on a
-    `bits` grid: scale * 127 / (2^(bits-1) - 1), in place. Returns the names re-quantized.
-
-    Why: on x86 CPUs without VNNI/AMX, OpenVINO's u8 x s8 kernels add pairs of products in 16 bits
-    and saturate with full-range int8 weights (DESIGN.md section 5). Post-training this costs
-    accuracy; a model trained with --weight-bits 7 needs no change (and gets none)."""
-    constants_to_initializers(model)
-    inits = _initializers(model)
-    top = 2 ** (bits - 1) - 1
-    done = []
-    levels = weight_levels(model)
-    for q, dq in _weight_pairs(model):
-        if levels.get(q.input[0], 0) <= top + 1:
-            continue
-        s = numpy_helper.to_array(inits[q.input[1]])
-        new = (s.astype(np.float64) * 127.0 / top).astype(s.dtype)
-        name = q.input[1] + f"_w{bits}"
-        if name not in inits:
-            t = numpy_helper.from_array(new, name)
-            model.graph.initializer.append(t)
-            inits[name] = t
-        q.input[1] = name
-        dq.input[1] = name
-        done.append(q.input[0])
-    return sorted(set(done))
 
 
 def metadata(path_or_model):

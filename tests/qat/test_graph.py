@@ -5,8 +5,8 @@ import pytest
 from onnx import numpy_helper
 
 import qat_testkit as kit
-from qat.graph import (activations_to_uint8, constants_to_initializers, format_report, import_graph, postprocess,
-                       requantize_weights, scale_classes, weight_levels)
+from qat.deploy.openvino import activations_to_uint8, requantize_weights, weight_levels
+from qat.graph import constants_to_initializers, format_report, import_graph, postprocess, scale_classes
 from qat.lint import lint
 
 
