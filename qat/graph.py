@@ -14,6 +14,7 @@ whose tensor falls into a class with other pairs must carry the class's one scal
 The pass then
 1. folds the Constant nodes into initializers and the Identity nodes of the exporter away,
 2. removes the float-to-float Cast nodes modelopt leaves on quantizer inputs,
+   and writes a one-output-channel weight's scalar scale as per-channel (axis 0),
 3. unifies the scale of every class (largest amax wins; a model trained with qat.rules already has
    one scale per class, so nothing changes and the report says so),
 4. merges Q/DQ pairs that quantize one tensor with one scale into one pair,
@@ -302,6 +303,28 @@ def merge_duplicate_pairs(graph, pairs):
     return merged
 
 
+def per_channel_single_output_weights(graph, pairs):
+    """Weight Q/DQ pairs of a one-output-channel weight (a single-class head's class conv) exported
+    with a scalar scale -> the same scale as one value on axis 0. Per-tensor and per-channel are the
+    same numbers there, but TensorRT (and qat.lint) expect weights per output channel, axis 0.
+    Returns the number of pairs rewritten."""
+    gs = _gs()
+    n = 0
+    for p in pairs:
+        w = _const_values(p.source)
+        if not p.weight or w is None or w.ndim < 2 or w.shape[0] != 1 or np.asarray(p.scale).ndim != 0:
+            continue
+        for node in (p.q, p.dq):
+            for i in (1, 2):
+                v = _const_values(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+                if v is not None and v.ndim == 0:
+                    node.inputs[i] = gs.Constant(f"{node.inputs[i].name}_axis0", v.reshape(1))
+            node.attrs["axis"] = 0
+        p.scale, p.axis = np.asarray(p.scale).reshape(1), 0
+        n += 1
+    return n
+
+
 def qdq_counts(graph_or_model):
     """{'QuantizeLinear': n, 'DequantizeLinear': n} of a gs Graph or an onnx model/path."""
     if isinstance(graph_or_model, (str, Path, onnx.ModelProto)):
@@ -315,7 +338,7 @@ def postprocess(onnx_path, out=None, unify=True):
     """Run the pass on `onnx_path` and write the result to `out` (default: in place).
 
     Returns the report dict: nodes_before/after, constants_folded, identities_removed,
-    casts_removed, scale_changes [(pair, old amax, new amax)], duplicates_merged, dead_removed,
+    casts_removed, weights_made_per_channel, scale_changes [(pair, old amax, new amax)], duplicates_merged, dead_removed,
     groups (classes with >= 2 pairs), groups_agreeing (before the pass), qdq (counts after)."""
     gs = _gs()
     model = load_model(onnx_path)
@@ -330,6 +353,7 @@ def postprocess(onnx_path, out=None, unify=True):
     graph.cleanup()
     dead = nodes0 - len(graph.nodes) - identities - casts
     pairs = find_pairs(graph)
+    per_channel = per_channel_single_output_weights(graph, pairs)
     classes = scale_classes(graph, pairs)
     agreeing = sum(c.agrees() for c in classes)
     changes = unify_scales(graph, classes) if unify else []
@@ -345,7 +369,7 @@ def postprocess(onnx_path, out=None, unify=True):
     for k, v in meta.items():
         out_model.metadata_props.add(key=k, value=v)
     report = {"nodes_before": nodes_before, "nodes_after": len(out_model.graph.node), "constants_folded": n_const,
-              "identities_removed": identities, "casts_removed": casts,
+              "identities_removed": identities, "casts_removed": casts, "weights_made_per_channel": per_channel,
               "scale_changes": [(n, float(a), float(b)) for n, a, b in changes], "duplicates_merged": merged,
               "dead_removed": max(dead, 0), "groups": len(classes), "groups_agreeing": agreeing,
               "qdq": qdq_counts(graph)}
@@ -375,7 +399,9 @@ def format_report(r):
     lines = [f"graph: {r['nodes_before']} -> {r['nodes_after']} nodes "
              f"({r['constants_folded']} constants folded, {r['identities_removed']} identities, "
              f"{r['casts_removed']} float-to-float casts, {r['duplicates_merged']} duplicate Q/DQ pairs merged, "
-             f"{r['dead_removed']} dead nodes removed)",
+             f"{r['dead_removed']} dead nodes removed"
+             + (f", {r['weights_made_per_channel']} one-channel weight scale(s) put on axis 0" if r.get(
+                 "weights_made_per_channel") else "") + ")",
              f"graph: {r['groups']} shared-scale groups, {r['groups_agreeing']} already on one scale; "
              f"{len(r['scale_changes'])} scale(s) changed"]
     for name, old, new in r["scale_changes"][:50]:
@@ -404,11 +430,14 @@ def activations_to_uint8(model):
     name = "qat_activation_zero_point_u8"
     n = 0
     q_outputs = set()
+    weight_q_outputs = {x.output[0] for x in model.graph.node if x.op_type == "QuantizeLinear" and x.input[0] in inits}
     for node in model.graph.node:
         if node.op_type not in QDQ_OPS or len(node.input) < 2 or node.input[1] not in inits:
             continue
         if node.op_type == "QuantizeLinear" and node.input[0] in inits:
             continue  # a weight
+        if node.op_type == "DequantizeLinear" and node.input[0] in weight_q_outputs:
+            continue  # a weight's DQ (also a per-tensor one: its Q stays int8)
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             continue  # a pre-quantized weight
         scale = numpy_helper.to_array(inits[node.input[1]])

@@ -10,16 +10,6 @@ from qat.graph import (activations_to_uint8, constants_to_initializers, format_r
 from qat.lint import lint
 
 
-def _ort(path_or_model, x):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
-
-
 def test_postprocess_of_a_ruled_model_changes_no_scale_and_no_output(tmp_path):
     raw = kit.onnx_path("qat_raw", tmp_path)
     before = onnx.load(str(raw))
@@ -32,7 +22,7 @@ def test_postprocess_of_a_ruled_model_changes_no_scale_and_no_output(tmp_path):
     assert {p.key for p in after.metadata_props} >= {"qat", "float_layers", "strides"}
     assert "0 scale(s) changed" in format_report(r)
     x = kit.images(2)
-    assert np.array_equal(_ort(raw, x), _ort(tmp_path / "pp.onnx", x))  # cleaning changes nothing computed
+    assert np.array_equal(kit.run_ort(raw, x), kit.run_ort(tmp_path / "pp.onnx", x))  # cleaning changes nothing
     assert postprocess(tmp_path / "pp.onnx")["duplicates_merged"] == 0  # idempotent
 
 
@@ -74,7 +64,7 @@ def test_activations_to_uint8_is_lossless():
     assert n == 2 * len(acts) > 0
     assert all(zps[nd.input[2]].dtype == np.uint8 and zps[nd.input[2]] == 128 for nd in acts)
     x = kit.images(2)
-    assert np.array_equal(_ort(m, x), _ort(u8, x))  # bit-identical: same scale, range shifted by 128
+    assert np.array_equal(kit.run_ort(m, x), kit.run_ort(u8, x))  # bit-identical: same scale, range shifted by 128
 
 
 def test_requantize_weights_to_seven_bits():
