@@ -270,6 +270,13 @@ def export_qat_onnx(model, path, imgsz=640, batch_size=1, dynamic=False, opset=1
     if end2end and nms not in NMS_KINDS:
         raise UserError(f"--nms {nms} is unknown: use one of {', '.join(NMS_KINDS)}")
     quantized = is_quantized(model)
+    if quantized:
+        from qat.quantize import uncalibrated_quantizers  # modelopt is there when the model is quantized
+
+        uncalibrated = uncalibrated_quantizers(model)
+    if quantized and uncalibrated:
+        raise UserError(f"{len(uncalibrated)} enabled quantizer(s) have no calibrated range (first: {uncalibrated[0]}):"
+                        f" calibrate the model (train_qat.py) or disable them, then export")
     m = deepcopy(model).float().eval()
     if not quantized and hasattr(m, "fuse") and hasattr(m, "is_fused") and not m.is_fused():
         m.fuse()
