@@ -25,7 +25,6 @@ model. A static-shape file gets its batch padded (and split) and its images padd
 bottom/right with grey (letterbox colour) up to the exported size, which leaves box coordinates
 unchanged.
 """
-import os
 import platform
 import tempfile
 import time
@@ -409,18 +408,11 @@ def build_engine(onnx_path, engine_path=None, fp16=True, workspace_gb=4.0, min_b
 
 
 def _write_atomic(path, data):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from qat.compat import atomic_output
+
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return Path(path)
 
 
 class TensorRTBackend(Backend):

@@ -378,20 +378,12 @@ def postprocess(onnx_path, out=None, unify=True):
 
 
 def _save(model, path):
-    """Save atomically (temp file + replace): a reader never sees half a model."""
-    import os
-    import tempfile
+    """Save atomically: a reader never sees half a model."""
+    from qat.compat import atomic_output
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def format_report(r):
