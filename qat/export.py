@@ -175,11 +175,12 @@ def _add_metadata(path, meta):
 
 
 def _names(model):
-    """{index: name}, the form export.export_onnx (and upstream) writes."""
+    """Class names as a list: valid JSON and a Python literal, so upstream's eval() of the value
+    (DetectMultiBackend) reads it as well as our JSON readers."""
     names = getattr(model, "names", None)
-    if isinstance(names, (list, tuple)):
-        names = dict(enumerate(names))
-    return {int(k): str(v) for k, v in (names or {}).items()}
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names, key=int)]
+    return [str(v) for v in (names or [])]
 
 
 def _export_plain(model, path, imgsz, batch_size, dynamic, opset, simplify):
@@ -214,15 +215,23 @@ def _export_plain(model, path, imgsz, batch_size, dynamic, opset, simplify):
         for m, e, d in saved:
             m.export, m.dynamic = e, d
     if simplify:
-        try:
-            import onnxslim
-        except ImportError:
-            from qat.deploy import log
-
-            log("WARNING: --simplify needs onnxslim (pip install onnxslim); exported without simplifying")
-        else:
-            onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+        simplify_onnx(path)
     onnx.checker.check_model(str(path))
+    return path
+
+
+def simplify_onnx(path):
+    """onnxslim in place; without onnxslim a warning and the file unchanged."""
+    import onnx
+
+    from utils.general import LOGGER  # upstream clones have it too
+
+    try:
+        import onnxslim
+    except ImportError:
+        LOGGER.warning("WARNING: --simplify needs onnxslim (pip install onnxslim); exported without simplifying")
+        return path
+    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
     return path
 
 
