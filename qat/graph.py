@@ -515,12 +515,25 @@ def requantize_weights(model, bits=7):
 
 
 def metadata(path_or_model):
-    """The file's metadata_props as a dict (JSON values decoded where they parse)."""
+    """The file's metadata_props as a dict (JSON values decoded; Python-literal values of older files too)."""
     model = load_model(path_or_model) if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
     out = {}
     for p in model.metadata_props:
         try:
             out[p.key] = json.loads(p.value)
         except (json.JSONDecodeError, TypeError):
-            out[p.key] = p.value
+            out[p.key] = _python_literal(p.value)
     return out
+
+
+def _python_literal(value):
+    """Older export.py files (and upstream's) store str() of Python values, e.g. names as
+    "{0: 'person', ...}": read those as the value (ast.literal_eval runs no code), else the string."""
+    import ast
+
+    if value[:1] in "{[(":
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            pass
+    return value
