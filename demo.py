@@ -132,8 +132,8 @@ def main(argv=None):
     fp32_pt = out / "fp32.pt"
     fp32_pt.write_bytes(Path(opt.weights).read_bytes())  # export.py writes the ONNX beside its weights
     _run("3/5 export FP32 ONNX", ["export.py", "--weights", fp32_pt, "--imgsz", opt.imgsz, "--device", "cpu"])
-    _run("4/5 deploy INT8 (OpenVINO)", ["val_trt.py", "--onnx", qat_best.with_suffix(".onnx"), "--data", opt.data,
-                                        "--weights", qat_best, "--imgsz", opt.imgsz, "--backend", "openvino",
+    _run("4/5 deploy INT8 (OpenVINO)", ["val_trt.py", "--weights", qat_best.with_suffix(".onnx"), "--data", opt.data,
+                                        "--checkpoint", qat_best, "--imgsz", opt.imgsz, "--backend", "openvino",
                                         "--batch-size", 8, "--workers", "2", "--project", ROOT / "runs/val_trt",
                                         "--name", opt.name, "--exist-ok"])
     LOGGER.info(f"\n{colorstr('demo')}: step 5/5 latency, FP32 ONNX vs INT8 ONNX on OpenVINO")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from qat.compat import UserError, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
+from qat.compat import UserError, atomic_output, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
 from utils.general import LOGGER, check_img_size, colorstr, file_size, print_args  # noqa: E402
 
 
@@ -96,24 +96,27 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
     LOGGER.info(f"{colorstr('ONNX:')} exporting {weights} as {kind} ONNX, opset {opset}, input "
                 f"{batch_size}x3x{imgsz[0]}x{imgsz[1]}{' (dynamic)' if dynamic else ''}"
                 f"{f', NMS inside ({nms})' if end2end else ''}...")
-    export_qat_onnx(model, out, imgsz, batch_size=batch_size, dynamic=dynamic, opset=opset, end2end=end2end, nms=nms,
-                    simplify=simplify, max_det=topk_all, iou_thres=iou_thres, conf_thres=conf_thres, postprocess=False)
     result = {"path": str(out), "qat": is_qat, "graph": None, "lint": []}
-    if is_qat:
-        report = postprocess(out)
-        result["graph"] = report
-        LOGGER.info(format_report(report))
-        result["lint"] = lint(out)
-    counts = qdq_counts(out)
+    with atomic_output(out) as tmp:  # `out` is replaced only by a file that passed post-process and lint
+        export_qat_onnx(model, tmp, imgsz, batch_size=batch_size, dynamic=dynamic, opset=opset, end2end=end2end,
+                        nms=nms, simplify=simplify, max_det=topk_all, iou_thres=iou_thres, conf_thres=conf_thres,
+                        postprocess=False)
+        if is_qat:
+            report = postprocess(tmp)
+            result["graph"] = report
+            LOGGER.info(format_report(report))
+            result["lint"] = lint(tmp)
+            if result["lint"]:
+                for line in result["lint"]:
+                    LOGGER.info(f"lint: {line}")
+                raise UserError(f"qat.lint found {len(result['lint'])} Q/DQ rule violation(s), listed above: "
+                                f"{out} not written" + (" (the previous file is kept)" if out.exists() else ""))
+            s = summary(tmp)
+        counts = qdq_counts(tmp)
     result.update(size_mb=file_size(out), qdq=counts)
     LOGGER.info(f"{colorstr('ONNX:')} saved {out} ({result['size_mb']:.1f} MB), "
                 f"{counts['QuantizeLinear']} QuantizeLinear / {counts['DequantizeLinear']} DequantizeLinear")
     if is_qat:
-        if result["lint"]:
-            for line in result["lint"]:
-                LOGGER.info(f"lint: {line}")
-            raise UserError(f"{out}: qat.lint found {len(result['lint'])} Q/DQ rule violation(s), listed above")
-        s = summary(out)
         LOGGER.info(f"lint: ok ({s['pairs']} Q/DQ pairs, {s['groups']} shared-scale groups, "
                     f"{s['int8_convs']}/{s['convs']} convolutions INT8)")
     return result

@@ -1,13 +1,16 @@
 """Validate a deployed INT8 model (TensorRT engine, OpenVINO, ONNX Runtime) beside the PyTorch model.
 
-    python val_trt.py --onnx qat_best.onnx --data data/demo.yaml --weights qat_best.pt       # auto backend
-    python val_trt.py --onnx qat_best.onnx --data coco.yaml --backend openvino --no-reference
-    python val_trt.py --engine qat_best.engine --data coco.yaml --batch-size 8
+    python val_trt.py --weights qat_best.onnx --data data/demo.yaml --checkpoint qat_best.pt   # auto backend
+    python val_trt.py --weights fp32.onnx qat_best.onnx --data data/coco.yaml      # FP32 baseline beside INT8
+    python val_trt.py --weights qat_best.onnx --data data/coco.yaml --backend openvino --no-reference
+    python val_trt.py --weights qat_best.engine --data data/coco.yaml --batch-size 8
+(--onnx FILE / --engine FILE are aliases of --weights FILE; a .pt beside them is the --checkpoint.)
 
 Every row runs through val.run on the same images (one dataloader, square --imgsz letterbox), so
-the table compares like with like: PyTorch FP32 and QAT fake-quant (from --weights: a QAT
-checkpoint gives both rows, a plain one the FP32 row), ONNX Runtime (the numerical reference of
-the Q/DQ file; --no-reference skips it) and the deployed backend. auto = tensorrt when TensorRT and
+the table compares like with like: PyTorch FP32 and QAT fake-quant (from --checkpoint: a QAT
+checkpoint gives both rows, a plain one the FP32 row), for each Q/DQ file ONNX Runtime (its
+numerical reference; --no-reference skips it) and the deployed backend, for each float ONNX its FP32
+baseline row. Q/DQ files are linted first (qat.lint) and refused when they break a rule. auto = tensorrt when TensorRT and
 a GPU are here, else openvino (u8 activations, 7-bit weights on CPUs without VNNI; --vnni overrides
 the detection). The deployed mAP50-95 is checked against the reference (ONNX Runtime, else the
 fake-quant model): a difference above --tolerance is reported. Results: runs/val_trt/<name>/
@@ -85,37 +88,78 @@ def format_table(rows, ref=None):
     return "\n".join(lines)
 
 
-def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, backend="auto", device="cpu",
-        workers=4, threads=None, vnni="auto", reference=True, conf_thres=0.001, iou_thres=0.7, task="val",
-        tolerance=0.002, project=ROOT / "runs/val_trt", name="exp", exist_ok=False, trusted=False):
-    """Validate; returns {'rows': [...], 'reference': name or None, 'deployed_delta': float or None}."""
+MODEL_SUFFIXES = (".pt", ".onnx", ".engine")
+
+
+def _models(weights, onnx, engine, checkpoint):
+    """(PyTorch checkpoints, deployable files) from --weights (upstream's convention: model.pt |
+    model.onnx | model.engine, one or more), the --onnx / --engine aliases and --checkpoint."""
+    given = [Path(w) for w in ([weights] if isinstance(weights, (str, Path)) else list(weights or []))]
+    given += [Path(f) for f in (onnx, engine) if f]
+    for f in given:
+        if f.suffix.lower() not in MODEL_SUFFIXES:
+            raise UserError(f"--weights {f}: use a .pt checkpoint, an .onnx or a TensorRT .engine file")
+    checkpoints = [f for f in given if f.suffix.lower() == ".pt"]
+    checkpoints += [Path(c) for c in ([checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint or []))]
+    files = [f for f in given if f.suffix.lower() != ".pt"]
+    if not checkpoints and not files:
+        raise UserError("pass a model: --weights model.onnx | model.engine | model.pt (or --onnx FILE / --engine FILE)")
+    for f in checkpoints + files:
+        if not f.is_file():
+            raise UserError(f"{f} not found; check the path")
+    return checkpoints, files
+
+
+def _refuse_broken(path):
+    """qat.lint on a Q/DQ file before anything runs it: a half-written export, zero / NaN / negative
+    scales or broken Q/DQ rules are refused with the list (on the log), one line on the CLI."""
+    from qat.lint import lint
+
+    violations = lint(path, expect_qdq=False)
+    if violations:
+        for line in violations[:50]:
+            LOGGER.info(f"lint: {line}")
+        more = f" (first 50 listed above)" if len(violations) > 50 else " (listed above)"
+        raise UserError(f"{path}: qat.lint found {len(violations)} Q/DQ rule violation(s){more}: refusing to "
+                        f"validate it; export the checkpoint again with export_qat.py")
+
+
+def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None, batch_size=1, backend="auto",
+        device="cpu", workers=4, threads=None, vnni="auto", reference=True, conf_thres=0.001, iou_thres=0.7,
+        task="val", tolerance=0.002, project=ROOT / "runs/val_trt", name="exp", exist_ok=False, trusted=False):
+    """Validate every model given; returns {'rows': [...], 'reference': name or None, 'deployed_delta':
+    float or None (of the last deployed file), ...}.
+
+    weights: model(s) as upstream's val.py takes them (.pt | .onnx | .engine); onnx / engine: aliases;
+    checkpoint: PyTorch checkpoint(s) for the PyTorch rows (a .pt in `weights` beside a deployed file is
+    taken as that too). A float ONNX (export.py) gives the FP32 baseline rows, a Q/DQ one the INT8 rows."""
     import val as validate
     from qat.deploy import load_backend, require_qdq, resolve_backend
-    from qat.graph import metadata
+    from qat.graph import metadata, qdq_counts
     from utils.dataloaders import create_dataloader
     from utils.torch_utils import select_device
 
-    if bool(onnx) == bool(engine):
-        raise UserError("pass one model to deploy: --onnx FILE or --engine FILE")
-    model_path = Path(onnx or engine)
-    if not model_path.is_file():
-        raise UserError(f"{'--onnx' if onnx else '--engine'} {model_path} not found; check the path")
-    backend = resolve_backend("tensorrt" if engine and backend == "auto" else backend)
+    checkpoints, files = _models(weights, onnx, engine, checkpoint)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
-    meta = metadata(model_path) if onnx else {}
-    if onnx and (str(meta.get("qat", "1")) == "1" or _is_qat_weights(weights, trusted)):
-        require_qdq(model_path)  # a QAT model (by its metadata or its --weights) must come with Q/DQ
-    quantized = str(meta.get("qat", "1")) == "1"
+    backend = resolve_backend("tensorrt" if backend == "auto" and any(f.suffix == ".engine" for f in files)
+                              else backend)
+    deployables = []  # (path, metadata, quantized)
+    for f in files:
+        meta = metadata(f) if f.suffix == ".onnx" else {}
+        quantized = f.suffix == ".engine" or sum(qdq_counts(f).values()) > 0
+        # a QAT model (by its metadata, or the one file given beside a QAT checkpoint) must come with Q/DQ
+        if f.suffix == ".onnx" and not quantized and (str(meta.get("qat", "0")) == "1" or (
+                len(files) == 1 and any(_is_qat_weights(c, trusted) for c in checkpoints))):
+            require_qdq(f)
+        if f.suffix == ".onnx" and quantized:
+            _refuse_broken(f)
+        deployables.append((f, meta, quantized))
     if imgsz is None:
-        imgsz = int(max(meta.get("imgsz") or [640]))
+        imgsz = int(max(next((m.get("imgsz") for _, m, _ in deployables if m.get("imgsz")), None) or [640]))
     imgsz = check_img_size(imgsz, s=32)
     data = _check_dataset(data, task)
-    deployed = load_backend(backend, model_path, threads=threads, vnni=_vnni(vnni))
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
-    static_batch = deployed.batch
-    if static_batch and batch_size > static_batch:
-        LOGGER.info(f"{model_path.name} has a static batch of {static_batch}: running in chunks of {static_batch}")
     dataloader = create_dataloader(data[task], imgsz, batch_size, 32, pad=0.0, rect=False, workers=workers,
                                    prefix=colorstr(f"{task}: "))[0]
     dev = select_device(device, batch_size=batch_size)
@@ -127,37 +171,49 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
         return _row(label, desc, r, latency() if latency else None)
 
     rows = []
-    for label, model in _pytorch_rows(weights, dev, trusted):
-        rows.append(evaluate(label, f"torch {dev.type}", model))
-    ref_name = None
-    if reference and onnx and backend != "onnxruntime":
-        ort = load_backend("onnxruntime", model_path, threads=threads)
-        rows.append(evaluate("ONNX Runtime (reference)", ort.describe(), ort, ort.latency_ms))
-        ref_name = rows[-1]["model"]
-    rows.append(evaluate(f"deployed ({backend})", deployed.describe(), deployed, deployed.latency_ms))
-    if ref_name is None:
-        ref_name = next((r["model"] for r in rows if "fake-quant" in r["model"]), None) if quantized else \
-            next((r["model"] for r in rows if "FP32" in r["model"]), None)
+    for c in checkpoints:
+        for label, model in _pytorch_rows(c, dev, trusted):
+            rows.append(evaluate(label + (f" {c.name}" if len(checkpoints) > 1 else ""), f"torch {dev.type}", model))
+    ref_name, delta, extra, deployed = None, None, [], None
+    for path, meta, quantized in deployables:
+        deployed = load_backend(backend, path, threads=threads, vnni=_vnni(vnni))
+        static_batch = deployed.batch
+        if static_batch and batch_size > static_batch:
+            LOGGER.info(f"{path.name} has a static batch of {static_batch}: running in chunks of {static_batch}")
+        ref_name = None
+        if reference and quantized and path.suffix == ".onnx" and backend != "onnxruntime":
+            ort = load_backend("onnxruntime", path, threads=threads)
+            rows.append(evaluate("ONNX Runtime (reference)" + (f" {path.name}" if len(deployables) > 1 else ""),
+                                 ort.describe(), ort, ort.latency_ms))
+            ref_name = rows[-1]["model"]
+        label = f"deployed ({backend})" if quantized else f"FP32 baseline ({backend})"
+        rows.append(evaluate(label + (f" {path.name}" if len(deployables) > 1 else ""), deployed.describe(), deployed,
+                             deployed.latency_ms))
+        if ref_name is None:
+            ref_name = next((r["model"] for r in rows if "fake-quant" in r["model"]), None) if quantized else \
+                next((r["model"] for r in rows if "FP32" in r["model"] and r is not rows[-1]), None)
+        ref = next((r["mAP50-95"] for r in rows if r["model"] == ref_name), None)
+        if backend == "openvino" and quantized:
+            c = deployed.conv_precisions()
+            extra.append(f"OpenVINO runtime model of {path.name}: {c['int8']}/{c['total']} convolutions in INT8")
+        delta = rows[-1]["mAP50-95"] - ref if ref is not None else None
+        if delta is not None:
+            ok = abs(delta) <= tolerance
+            extra.append(f"{rows[-1]['model']} vs {ref_name}: mAP50-95 {delta:+.4f} ({'within' if ok else 'OUTSIDE'} "
+                         f"the {tolerance} tolerance)")
+            if not ok:
+                LOGGER.warning(f"WARNING: {rows[-1]['model']}'s mAP50-95 differs from {ref_name} by {delta:+.4f}: "
+                               f"run benchmarks/bench_agreement.py to tell an engine that computes something else "
+                               f"from the val set's noise floor (too few images for this tolerance)")
     ref = next((r["mAP50-95"] for r in rows if r["model"] == ref_name), None)
     table = format_table(rows, ref)
-    extra = []
-    if backend == "openvino" and quantized:
-        c = deployed.conv_precisions()
-        extra.append(f"OpenVINO runtime model: {c['int8']}/{c['total']} convolutions in INT8")
-    delta = rows[-1]["mAP50-95"] - ref if ref is not None else None
-    if delta is not None:
-        ok = abs(delta) <= tolerance
-        extra.append(f"deployed vs {ref_name}: mAP50-95 {delta:+.4f} ({'within' if ok else 'OUTSIDE'} "
-                     f"the {tolerance} tolerance)")
-        if not ok:
-            LOGGER.warning(f"WARNING: the deployed model's mAP50-95 differs from {ref_name} by {delta:+.4f}: "
-                           f"run benchmarks/bench_agreement.py to tell an engine that computes something else "
-                           f"from the val set's noise floor (too few images for this tolerance)")
-    text = "\n".join([f"# val_trt: {model_path.name} on {Path(str(data.get(task)))}", "", table, ""] + extra) + "\n"
+    models = ", ".join(f.name for f in checkpoints + files)
+    text = "\n".join([f"# val_trt: {models} on {Path(str(data.get(task)))}", "", table, ""] + extra) + "\n"
     (save_dir / "results.md").write_text(text)
-    result = {"rows": rows, "reference": ref_name, "deployed_delta": delta, "backend": backend,
-              "model": str(model_path), "imgsz": imgsz, "batch_size": batch_size}
-    if backend == "openvino":
+    result = {"rows": rows, "reference": ref_name, "deployed_delta": delta, "backend": backend if files else None,
+              "model": str(files[-1] if files else checkpoints[-1]), "models": [str(f) for f in checkpoints + files],
+              "imgsz": imgsz, "batch_size": batch_size}
+    if files and backend == "openvino":
         result["cpu"] = getattr(deployed, "cpu", None)
     (save_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
     LOGGER.info("\n" + table + "\n" + "\n".join(extra) + f"\nResults saved to {colorstr('bold', save_dir)}")
@@ -166,10 +222,14 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
 
 def parse_opt(argv=None):
     parser = argparse.ArgumentParser(description="mAP and latency of a deployed INT8 model beside PyTorch FP32 / QAT")
-    parser.add_argument("--onnx", type=str, default=None, help="exported ONNX (export_qat.py)")
-    parser.add_argument("--engine", type=str, default=None, help="TensorRT engine (instead of --onnx)")
+    parser.add_argument("--weights", nargs="+", type=str, default=None,
+                        help="model(s) as upstream's val.py: model.onnx (float from export.py or Q/DQ from "
+                             "export_qat.py), model.engine, model.pt; several give one table")
+    parser.add_argument("--onnx", type=str, default=None, help="alias: --weights FILE.onnx")
+    parser.add_argument("--engine", type=str, default=None, help="alias: --weights FILE.engine")
+    parser.add_argument("--checkpoint", nargs="+", type=str, default=None,
+                        help="PyTorch checkpoint(s) for the PyTorch rows (FP32; a QAT one adds fake-quant)")
     parser.add_argument("--data", type=str, required=True, help="dataset.yaml path")
-    parser.add_argument("--weights", type=str, default=None, help="checkpoint for the PyTorch rows (optional)")
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
                         help="inference size (default: the ONNX's, else 640)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size")

@@ -2,7 +2,8 @@
 
     {'model': fused FP32 DetectionModel (no quantizer modules pickled),
      'qat': {'version': 1, 'settings': QuantSettings as a dict,
-             'quantizer_state': {quantizer name: amax tensor}, 'groups': [[names sharing one quantizer]]},
+             'quantizer_state': {quantizer name: amax tensor}, 'disabled': [names of disabled quantizers],
+             'groups': [[names sharing one quantizer]]},
      'epoch', 'iteration', 'best_fitness', 'optimizer', 'history', 'opt', 'date', ...}
 
 Only our model classes, torch.nn layers, tensors and plain Python types are pickled, so
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 from qat.compat import UserError, load_checkpoint, save_atomic
-from qat.quantize import float_copy, load_quantizer_state, quantize_model, quantizer_state
+from qat.quantize import (disable_quantizers, disabled_quantizers, float_copy, load_quantizer_state, quantize_model,
+                          quantizer_state)
 from qat.settings import QuantSettings
 
 QAT_VERSION = 1
@@ -55,7 +57,8 @@ def save_qat(path, model, settings=None, extra=None):
     optimizer = extra.pop("optimizer", None)  # already plain (tensors, numbers, lists)
     ckpt = {"model": fp32,
             "qat": {"version": QAT_VERSION, "settings": settings.to_dict(),
-                    "quantizer_state": quantizer_state(model), "groups": [list(g) for g in model.qat["groups"]]},
+                    "quantizer_state": quantizer_state(model), "disabled": disabled_quantizers(model),
+                    "groups": [list(g) for g in model.qat["groups"]]},
             **_plain(extra), "optimizer": optimizer, "date": datetime.now().isoformat()}
     return save_atomic(ckpt, Path(path))
 
@@ -74,6 +77,7 @@ def load_qat(path, device="cpu", trusted=False):
                         f"(written by another version of qat/?)")
     try:
         load_quantizer_state(model, ckpt["qat"]["quantizer_state"])
+        disable_quantizers(model, ckpt["qat"].get("disabled", []))  # older files: settings-disabled ones only
     except KeyError as e:
         raise UserError(f"'{path}': {e.args[0]}") from None
     return model.eval(), settings, ckpt

@@ -1,7 +1,7 @@
 """The few helpers qat/ and the QAT tools need that upstream YOLOv9 does not have.
 
 `patches/install.py` copies qat/ into a user's upstream YOLOv9 clone, where `utils` and `models`
-are upstream's own modules. Those lack `UserError`, `run_cli`, `save_atomic` and the safe
+are upstream's own modules. Those lack `UserError`, `run_cli`, `atomic_output`/`save_atomic` and the safe
 checkpoint loader, so qat/ code imports these names from here, never from `utils.*` / `models.*`
 directly. In this repository they are our own objects (so `run_cli` catches `UserError` raised
 anywhere); in an upstream clone the fallbacks below stand in, built on upstream's model classes.
@@ -31,23 +31,32 @@ except ImportError:  # upstream YOLOv9 clone
             sys.exit(130)
 
 try:
-    from utils.torch_utils import save_atomic
-except ImportError:  # upstream YOLOv9 clone
-    def save_atomic(obj, path):
-        """torch.save to a temp file in the same folder, fsync, os.replace: never half-written."""
+    from utils.torch_utils import atomic_output, save_atomic
+except ImportError:  # upstream YOLOv9 clone: the same contract as ours (see utils/torch_utils.py)
+    import contextlib
+
+    @contextlib.contextmanager
+    def atomic_output(path):
+        """A temp path beside `path`, fsynced and moved onto it only when the block succeeds."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
-        except BaseException:
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+
+    def save_atomic(obj, path):
+        with atomic_output(path) as tmp:
+            torch.save(obj, tmp)
+        return Path(path)
 
 try:  # upstream has init_seeds in utils.general, we have it in utils.torch_utils
     from utils.torch_utils import init_seeds

@@ -175,11 +175,12 @@ def _add_metadata(path, meta):
 
 
 def _names(model):
-    """{index: name}, the form export.export_onnx (and upstream) writes."""
+    """Class names as a list: valid JSON and a Python literal, so upstream's eval() of the value
+    (DetectMultiBackend) reads it as well as our JSON readers."""
     names = getattr(model, "names", None)
-    if isinstance(names, (list, tuple)):
-        names = dict(enumerate(names))
-    return {int(k): str(v) for k, v in (names or {}).items()}
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names, key=int)]
+    return [str(v) for v in (names or [])]
 
 
 def _export_plain(model, path, imgsz, batch_size, dynamic, opset, simplify):
@@ -214,15 +215,23 @@ def _export_plain(model, path, imgsz, batch_size, dynamic, opset, simplify):
         for m, e, d in saved:
             m.export, m.dynamic = e, d
     if simplify:
-        try:
-            import onnxslim
-        except ImportError:
-            from qat.deploy import log
-
-            log("WARNING: --simplify needs onnxslim (pip install onnxslim); exported without simplifying")
-        else:
-            onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+        simplify_onnx(path)
     onnx.checker.check_model(str(path))
+    return path
+
+
+def simplify_onnx(path):
+    """onnxslim in place; without onnxslim a warning and the file unchanged."""
+    import onnx
+
+    from utils.general import LOGGER  # upstream clones have it too
+
+    try:
+        import onnxslim
+    except ImportError:
+        LOGGER.warning("WARNING: --simplify needs onnxslim (pip install onnxslim); exported without simplifying")
+        return path
+    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
     return path
 
 
@@ -270,6 +279,13 @@ def export_qat_onnx(model, path, imgsz=640, batch_size=1, dynamic=False, opset=1
     if end2end and nms not in NMS_KINDS:
         raise UserError(f"--nms {nms} is unknown: use one of {', '.join(NMS_KINDS)}")
     quantized = is_quantized(model)
+    if quantized:
+        from qat.quantize import uncalibrated_quantizers  # modelopt is there when the model is quantized
+
+        uncalibrated = uncalibrated_quantizers(model)
+    if quantized and uncalibrated:
+        raise UserError(f"{len(uncalibrated)} enabled quantizer(s) have no calibrated range (first: {uncalibrated[0]}):"
+                        f" calibrate the model (train_qat.py) or disable them, then export")
     m = deepcopy(model).float().eval()
     if not quantized and hasattr(m, "fuse") and hasattr(m, "is_fused") and not m.is_fused():
         m.fuse()

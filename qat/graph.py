@@ -14,6 +14,7 @@ whose tensor falls into a class with other pairs must carry the class's one scal
 The pass then
 1. folds the Constant nodes into initializers and the Identity nodes of the exporter away,
 2. removes the float-to-float Cast nodes modelopt leaves on quantizer inputs,
+   and writes a one-output-channel weight's scalar scale as per-channel (axis 0),
 3. unifies the scale of every class (largest amax wins; a model trained with qat.rules already has
    one scale per class, so nothing changes and the report says so),
 4. merges Q/DQ pairs that quantize one tensor with one scale into one pair,
@@ -301,6 +302,28 @@ def merge_duplicate_pairs(graph, pairs):
     return merged
 
 
+def per_channel_single_output_weights(graph, pairs):
+    """Weight Q/DQ pairs of a one-output-channel weight (a single-class head's class conv) exported
+    with a scalar scale -> the same scale as one value on axis 0. Per-tensor and per-channel are the
+    same numbers there, but TensorRT (and qat.lint) expect weights per output channel, axis 0.
+    Returns the number of pairs rewritten."""
+    gs = _gs()
+    n = 0
+    for p in pairs:
+        w = _const_values(p.source)
+        if not p.weight or w is None or w.ndim < 2 or w.shape[0] != 1 or np.asarray(p.scale).ndim != 0:
+            continue
+        for node in (p.q, p.dq):
+            for i in (1, 2):
+                v = _const_values(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+                if v is not None and v.ndim == 0:
+                    node.inputs[i] = gs.Constant(f"{node.inputs[i].name}_axis0", v.reshape(1))
+            node.attrs["axis"] = 0
+        p.scale, p.axis = np.asarray(p.scale).reshape(1), 0
+        n += 1
+    return n
+
+
 def qdq_counts(graph_or_model):
     """{'QuantizeLinear': n, 'DequantizeLinear': n} of a gs Graph or an onnx model/path."""
     if isinstance(graph_or_model, (str, Path, onnx.ModelProto)):
@@ -314,7 +337,7 @@ def postprocess(onnx_path, out=None, unify=True):
     """Run the pass on `onnx_path` and write the result to `out` (default: in place).
 
     Returns the report dict: nodes_before/after, constants_folded, identities_removed,
-    casts_removed, scale_changes [(pair, old amax, new amax)], duplicates_merged, dead_removed,
+    casts_removed, weights_made_per_channel, scale_changes [(pair, old amax, new amax)], duplicates_merged, dead_removed,
     groups (classes with >= 2 pairs), groups_agreeing (before the pass), qdq (counts after)."""
     gs = _gs()
     model = load_model(onnx_path)
@@ -329,6 +352,7 @@ def postprocess(onnx_path, out=None, unify=True):
     graph.cleanup()
     dead = nodes0 - len(graph.nodes) - identities - casts
     pairs = find_pairs(graph)
+    per_channel = per_channel_single_output_weights(graph, pairs)
     classes = scale_classes(graph, pairs)
     agreeing = sum(c.agrees() for c in classes)
     changes = unify_scales(graph, classes) if unify else []
@@ -344,7 +368,7 @@ def postprocess(onnx_path, out=None, unify=True):
     for k, v in meta.items():
         out_model.metadata_props.add(key=k, value=v)
     report = {"nodes_before": nodes_before, "nodes_after": len(out_model.graph.node), "constants_folded": n_const,
-              "identities_removed": identities, "casts_removed": casts,
+              "identities_removed": identities, "casts_removed": casts, "weights_made_per_channel": per_channel,
               "scale_changes": [(n, float(a), float(b)) for n, a, b in changes], "duplicates_merged": merged,
               "dead_removed": max(dead, 0), "groups": len(classes), "groups_agreeing": agreeing,
               "qdq": qdq_counts(graph)}
@@ -353,20 +377,12 @@ def postprocess(onnx_path, out=None, unify=True):
 
 
 def _save(model, path):
-    """Save atomically (temp file + replace): a reader never sees half a model."""
-    import os
-    import tempfile
+    """Save atomically: a reader never sees half a model."""
+    from qat.compat import atomic_output
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def format_report(r):
@@ -374,7 +390,9 @@ def format_report(r):
     lines = [f"graph: {r['nodes_before']} -> {r['nodes_after']} nodes "
              f"({r['constants_folded']} constants folded, {r['identities_removed']} identities, "
              f"{r['casts_removed']} float-to-float casts, {r['duplicates_merged']} duplicate Q/DQ pairs merged, "
-             f"{r['dead_removed']} dead nodes removed)",
+             f"{r['dead_removed']} dead nodes removed"
+             + (f", {r['weights_made_per_channel']} one-channel weight scale(s) put on axis 0" if r.get(
+                 "weights_made_per_channel") else "") + ")",
              f"graph: {r['groups']} shared-scale groups, {r['groups_agreeing']} already on one scale; "
              f"{len(r['scale_changes'])} scale(s) changed"]
     for name, old, new in r["scale_changes"][:50]:
@@ -386,12 +404,25 @@ def format_report(r):
 
 
 def metadata(path_or_model):
-    """The file's metadata_props as a dict (JSON values decoded where they parse)."""
+    """The file's metadata_props as a dict (JSON values decoded; Python-literal values of older files too)."""
     model = load_model(path_or_model) if not isinstance(path_or_model, onnx.ModelProto) else path_or_model
     out = {}
     for p in model.metadata_props:
         try:
             out[p.key] = json.loads(p.value)
         except (json.JSONDecodeError, TypeError):
-            out[p.key] = p.value
+            out[p.key] = _python_literal(p.value)
     return out
+
+
+def _python_literal(value):
+    """Older export.py files (and upstream's) store str() of Python values, e.g. names as
+    "{0: 'person', ...}": read those as the value (ast.literal_eval runs no code), else the string."""
+    import ast
+
+    if value[:1] in "{[(":
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            pass
+    return value

@@ -112,9 +112,9 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
             w = np.asarray(p.source.values)
             convs = [c for c in consumers if c.op == "Conv" and len(c.inputs) > 1 and c.inputs[1] is p.dq.outputs[0]]
             if convs:
-                if s_q.size == 1:
+                if s_q.ndim == 0 or (s_q.size == 1 and w.shape[0] != 1):
                     v.append(f"{p.name}: per-tensor weight scale; TensorRT expects per-output-channel (axis 0)")
-                elif (p.axis if p.axis is not None else 1) != 0 or s_q.size != w.shape[0]:
+                elif (p.axis if p.axis is not None else 1) != 0 or s_q.ndim != 1 or s_q.size != w.shape[0]:
                     v.append(f"{p.name}: weight scale of {s_q.size} values on axis {p.axis}; "
                              f"expected {w.shape[0]} on axis 0 (per output channel)")
         elif s_q.size != 1:

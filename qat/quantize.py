@@ -161,6 +161,28 @@ def load_quantizer_state(model, state):
     return model
 
 
+def disabled_quantizers(model):
+    """Canonical names of the quantizers that are disabled (by settings, or by calibration when one
+    saw no data): saved beside the amax so that a reloaded model quantizes exactly the same points."""
+    return [name for name, q, _ in unique_quantizers(model) if q._disabled]
+
+
+def disable_quantizers(model, names):
+    """Disable the quantizers `names` (from `disabled_quantizers`); a name the model lacks is an error."""
+    by_name = {name: q for name, q, _ in unique_quantizers(model)}
+    missing = [k for k in names if k not in by_name]
+    if missing:
+        raise KeyError(f"quantizer '{missing[0]}' of the checkpoint is not in the model ({len(missing)} missing)")
+    for k in names:
+        by_name[k].disable()
+    return model
+
+
+def uncalibrated_quantizers(model):
+    """Names of enabled quantizers without an amax: they would quantize with a per-batch range."""
+    return [name for name, q, _ in unique_quantizers(model) if not q._disabled and q.amax is None]
+
+
 def set_quant_enabled(model, enabled=True):
     """Turn fake quantization on/off for every enabled-by-settings quantizer (e.g. to compare)."""
     for _, q, _ in unique_quantizers(model):
@@ -172,4 +194,5 @@ def set_quant_enabled(model, enabled=True):
 
 
 __all__ = ["quantize_model", "quantizer_summary", "unique_quantizers", "prepare_for_training", "float_copy",
-           "quantizer_state", "load_quantizer_state", "is_quantized", "QuantSettings"]
+           "quantizer_state", "load_quantizer_state", "disabled_quantizers", "disable_quantizers",
+           "uncalibrated_quantizers", "is_quantized", "QuantSettings"]

@@ -26,11 +26,11 @@ def _pop_modules(prefixes):
 _PEER = None
 
 
-def load_peer():
-    """Return (yolo9.models.yolo, yolo9.models.common) or skip the test if yolo9 is missing."""
-    global _PEER
-    if _PEER is not None:
-        return _PEER
+def peer_module(name):
+    """Import the peer module `name` (e.g. 'yolo9.val', 'yolo9.utils.metrics') side by side with ours,
+    or skip the test if yolo9 is missing."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.find_spec("yolo9")
     if spec is None:
         pytest.skip("test-only peer 'yolo9' is not installed (see requirements-test.txt)")
@@ -38,15 +38,21 @@ def load_peer():
     ours = _pop_modules(_COLLIDING)
     sys.path.insert(0, root)
     try:
-        yolo = importlib.import_module("yolo9.models.yolo")
-        common = importlib.import_module("yolo9.models.common")
+        module = importlib.import_module(name)
         logging.getLogger("yolov5").setLevel(logging.WARNING)
         logging.getLogger("yolo9").setLevel(logging.WARNING)
     finally:
         sys.path.remove(root)
         _pop_modules(_COLLIDING)
         sys.modules.update(ours)
-    _PEER = (yolo, common)
+    return module
+
+
+def load_peer():
+    """Return (yolo9.models.yolo, yolo9.models.common) or skip the test if yolo9 is missing."""
+    global _PEER
+    if _PEER is None:
+        _PEER = (peer_module("yolo9.models.yolo"), peer_module("yolo9.models.common"))
     return _PEER
 
 

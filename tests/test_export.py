@@ -1,7 +1,9 @@
 """export.py: FP32 ONNX export; ONNX Runtime gives PyTorch's eval output."""
 import ast
+import json
 import logging
 import sys
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -11,6 +13,7 @@ import torch
 import export
 from models.experimental import attempt_load
 from models.yolo import DetectionModel
+from qat.export import simplify_onnx
 from tests.peer import one_thread  # noqa: F401  (fixture)
 from tests.peer import assert_outputs_close, randomize_bn
 from utils.general import LOGGER
@@ -53,7 +56,11 @@ def test_cli_writes_beside_weights(exported):
     m = onnx.load(str(out))
     assert [i.name for i in m.graph.input] == ["images"] and [o.name for o in m.graph.output] == ["output0"]
     meta = {p.key: p.value for p in m.metadata_props}
-    assert meta["stride"] == "32" and ast.literal_eval(meta["names"]) == {0: "a", 1: "b", 2: "c"}  # as upstream
+    # JSON, and names also a Python literal for upstream's DetectMultiBackend, which eval()s the value
+    assert json.loads(meta["stride"]) == 32 and json.loads(meta["names"]) == ["a", "b", "c"] == \
+        ast.literal_eval(meta["names"])
+    assert meta["qat"] == "0" and json.loads(meta["imgsz"]) == [IMG, IMG]
+    assert not [f for f in out.parent.iterdir() if f.name.endswith(".tmp")]  # no temporary left behind
 
 
 @pytest.mark.parametrize("shape", [(1, IMG, IMG), (2, IMG, IMG), (2, 96, 128)])
@@ -110,7 +117,7 @@ def test_simplify_without_onnxslim(exported, tmp_path, monkeypatch):
     handler.emit = records.append
     LOGGER.addHandler(handler)
     try:
-        export._simplify(copy)
+        simplify_onnx(copy)
     finally:
         LOGGER.removeHandler(handler)
     assert any("onnxslim" in r.getMessage() for r in records) and copy.read_bytes() == out.read_bytes()
@@ -132,3 +139,22 @@ def test_not_a_detection_model(tmp_path):
     with pytest.raises(export.UserError, match="no DDetect"):
         export.export_onnx(torch.nn.Conv2d(3, 4, 1), tmp_path / "x.onnx", 32)
     assert not list(tmp_path.iterdir())
+
+
+def test_failed_export_keeps_the_previous_file(exported, monkeypatch, capfd):
+    """A failure after torch.onnx.export wrote the new file (a post-process that raises, as a kill or a
+    full disk would stop it) leaves the previous good file in place and no temporary file."""
+    import qat.export
+
+    weights, out = exported
+    before = out.read_bytes()
+
+    def failing_metadata(path, meta):
+        assert Path(path) != out and Path(path).stat().st_size > 0  # the new export exists, under a temp name
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qat.export, "_add_metadata", failing_metadata)
+    with pytest.raises(OSError):
+        export.run(weights, imgsz=(IMG,))
+    assert out.read_bytes() == before
+    assert not [f for f in out.parent.iterdir() if f.name.endswith(".tmp")]

@@ -158,6 +158,9 @@ def _split_exists(root, split):
     return all((Path(str(p)).expanduser() if Path(str(p)).is_absolute() else root / str(p)).exists() for p in splits)
 
 
+COCO_SPLITS = ("train2017", "val2017", "test-dev2017")  # upstream data/coco.yaml image lists
+
+
 def check_dataset(data, required=("train", "val")):
     """Read and check a data yaml (path or dict) and return it as a dict with absolute paths.
 
@@ -218,6 +221,11 @@ def check_dataset(data, required=("train", "val")):
         if data.get(k):
             data[k] = [absolute(p) for p in data[k]] if isinstance(data[k], (list, tuple)) else absolute(data[k])
             missing = [p for p in (data[k] if isinstance(data[k], list) else [data[k]]) if not Path(p).exists()]
+            if missing and k in required and Path(missing[0]).stem in COCO_SPLITS:
+                raise UserError(f"{where}: COCO not found at {root} (no {Path(missing[0]).name}): put COCO 2017 in "
+                                f"YOLO format there (images/{{train2017,val2017}}/*.jpg, labels/{{train2017,val2017}}"
+                                f"/*.txt, train2017.txt, val2017.txt, as upstream's scripts/get_coco.sh makes it) or "
+                                f"point 'path' in the data yaml at it")
             if missing and k in required:
                 raise UserError(f"{where}: {k} split not found at {missing[0]}: fix 'path'/'{k}' in the data yaml "
                                 f"(relative paths are resolved against 'path', here {root})")

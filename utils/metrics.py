@@ -62,28 +62,43 @@ def bbox_iou(box1, box2, xywh=True, GIoU=False, DIoU=False, CIoU=False, eps=1e-7
     return iou - (rho2 / c2 + v * alpha)
 
 
-def process_batch(detections, labels, iouv):
-    """Which detections are true positives at each IoU threshold (upstream's matching).
+def _pairwise_iou_upstream(box1, box2, eps=1e-7):
+    """Pairwise IoU (N, M) as upstream's matching computes it: in the boxes' own dtype and with
+    `eps` added to the union. Not torchvision's box_iou: the eps moves IoUs that sit exactly on a
+    threshold (e.g. 0.5) below it, and the matching must agree with upstream on those too."""
+    lt = torch.max(box1[:, None, :2], box2[None, :, :2])
+    rb = torch.min(box1[:, None, 2:], box2[None, :, 2:])
+    inter = (rb - lt).clamp(0).prod(2)
+    area1 = (box1[:, 2] - box1[:, 0]) * (box1[:, 3] - box1[:, 1])
+    area2 = (box2[:, 2] - box2[:, 0]) * (box2[:, 3] - box2[:, 1])
+    return inter / (area1[:, None] + area2 - inter + eps)
 
-    detections (N, 6) [x1, y1, x2, y2, conf, cls]; labels (M, 5) [cls, x1, y1, x2, y2]; iouv (T,).
-    At each threshold, pairs with IoU >= threshold and the same class are matched one-to-one,
-    highest IoU first. Returns a bool tensor (N, T)."""
+
+def process_batch(detections, labels, iouv):
+    """Which detections are true positives at each IoU threshold: upstream YOLOv9's matching.
+
+    detections (N, 6) [x1, y1, x2, y2, conf, cls], in the order NMS returns them (descending
+    confidence); labels (M, 5) [cls, x1, y1, x2, y2]; iouv (T,). At each threshold, among the
+    same-class pairs with IoU >= threshold, every detection first keeps its highest-IoU label, then
+    every label keeps the first of its detections in detection order (the most confident one, as
+    COCOeval's greedy-by-score matching), not its highest-IoU one: a label's low-confidence duplicate
+    must not win over the confident box. Ties are broken as upstream does (same numpy sort).
+    Returns a bool tensor (N, T)."""
     correct = np.zeros((detections.shape[0], iouv.shape[0]), dtype=bool)
     if detections.shape[0] and labels.shape[0]:
-        iou = box_iou(labels[:, 1:5].double(), detections[:, :4].double())  # (M, N), float64 as COCOeval
-        iou = iou * (labels[:, 0:1] == detections[:, 5].view(1, -1))  # other class -> 0
-        iou = iou.cpu().numpy()
-        thresholds = iouv.cpu().numpy()
-        for k, t in enumerate(thresholds):
-            li, di = np.nonzero(iou >= t)
-            if not len(li):
+        iou = _pairwise_iou_upstream(labels[:, 1:5], detections[:, :4])  # (M, N)
+        same_class = labels[:, 0:1] == detections[:, 5]
+        for k in range(len(iouv)):
+            li, di = torch.where((iou >= iouv[k]) & same_class)
+            if not li.shape[0]:
                 continue
-            matches = np.stack((li, di, iou[li, di]), 1)
+            matches = torch.stack((li.to(iou.dtype), di.to(iou.dtype), iou[li, di]), 1).cpu().numpy()
             if len(matches) > 1:
-                matches = matches[matches[:, 2].argsort(kind="stable")[::-1]]  # best IoU first
-                matches = matches[np.unique(matches[:, 1], return_index=True)[1]]  # one label per detection
-                matches = matches[matches[:, 2].argsort(kind="stable")[::-1]]
-                matches = matches[np.unique(matches[:, 0], return_index=True)[1]]  # one detection per label
+                # numpy's default argsort, reversed: the order in which upstream breaks equal IoUs
+                matches = matches[matches[:, 2].argsort()[::-1]]
+                matches = matches[np.unique(matches[:, 1], return_index=True)[1]]  # best label per detection
+                # now in detection order: the first (most confident) detection of each label wins
+                matches = matches[np.unique(matches[:, 0], return_index=True)[1]]
             correct[matches[:, 1].astype(int), k] = True
     return torch.tensor(correct, dtype=torch.bool, device=iouv.device)
 
@@ -132,7 +147,7 @@ def ap_per_class(tp, conf, pred_cls, target_cls, plot=False, save_dir=".", names
     tp = np.asarray(tp, dtype=np.float64)
     tp = tp[:, None] if tp.ndim == 1 else tp
     conf, pred_cls, target_cls = np.asarray(conf), np.asarray(pred_cls), np.asarray(target_cls)
-    order = np.argsort(-conf, kind="stable")
+    order = np.argsort(-conf)  # numpy's default sort, as upstream: equal scores keep upstream's order
     tp, conf, pred_cls = tp[order], conf[order], pred_cls[order]
 
     unique_classes, nt = np.unique(target_cls, return_counts=True)

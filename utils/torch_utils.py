@@ -133,25 +133,33 @@ def smart_optimizer(model, name="SGD", lr=0.01, momentum=0.9, decay=1e-5):
     return optimizer
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a reader (or a run
-    killed mid-write) never sees a half-written checkpoint."""
+@contextmanager
+def atomic_output(path):
+    """Yield a temporary path in `path`'s folder; when the block ends without an exception, fsync it
+    and os.replace it onto `path` (mode as a plain open() would give), else delete it. A reader, a
+    run killed mid-write or a file rejected by a later check never leaves a half-made `path` or
+    replaces the previous good one. Every file the tools write goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file torch.save's usual mode
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+
+def save_atomic(obj, path):
+    """torch.save through atomic_output: never a half-written checkpoint."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def intersect_dicts(da, db, exclude=()):

@@ -14,8 +14,8 @@ class ONNXRuntimeBackend(Backend):
         super().__init__(path, names, strides, onnx_meta(path))
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        if reference:  # Q/DQ executed as written: the fake-quant semantics, no fused integer kernels
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if reference:  # the graph run as written: even ORT_ENABLE_BASIC removes and moves Q/DQ nodes
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             so.intra_op_num_threads = int(threads)
         try:

@@ -152,11 +152,14 @@ def activations_to_uint8(model):
     name = "qat_activation_zero_point_u8"
     n = 0
     q_outputs = set()
+    weight_q_outputs = {x.output[0] for x in model.graph.node if x.op_type == "QuantizeLinear" and x.input[0] in inits}
     for node in model.graph.node:
         if node.op_type not in QDQ_OPS or len(node.input) < 2 or node.input[1] not in inits:
             continue
         if node.op_type == "QuantizeLinear" and node.input[0] in inits:
             continue  # a weight
+        if node.op_type == "DequantizeLinear" and node.input[0] in weight_q_outputs:
+            continue  # a weight's DQ (also a per-tensor one: its Q stays int8)
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             continue  # a pre-quantized weight
         scale = numpy_helper.to_array(inits[node.input[1]])

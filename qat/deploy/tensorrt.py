@@ -4,8 +4,6 @@ for a dynamic batch, a timing cache, the engine saved beside the ONNX. Needs the
 an NVIDIA GPU; without them it stops with a one-line message.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -100,18 +98,11 @@ def build_engine(onnx_path, engine_path=None, fp16=True, workspace_gb=4.0, min_b
 
 
 def _write_atomic(path, data):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from qat.compat import atomic_output
+
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return Path(path)
 
 
 class TensorRTBackend(Backend):

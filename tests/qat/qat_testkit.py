@@ -186,3 +186,16 @@ def val_inputs(folder):
     ckpt = Path(folder) / "qat_best.pt"
     save_qat(ckpt, qat_model())
     return data, ckpt
+
+
+def run_ort(path_or_model, x):
+    """ONNX Runtime with every graph optimization off: the graph as written (even ORT_ENABLE_BASIC
+    already removes double Q/DQ, propagates Q/DQ and folds constants). First output, numpy."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]

@@ -62,3 +62,32 @@ def test_plain_checkpoint_is_not_qat(tmp_path):
     with pytest.raises(UserError, match="plain checkpoint, not a QAT one") as e:
         load_qat(f)
     assert "\n" not in str(e.value)
+
+
+def test_quantizer_disabled_by_calibration_comes_back_disabled(tmp_path):
+    from qat.export import export_qat_onnx
+    from qat.quantize import unique_quantizers
+
+    q = quantize_model(fp32_model("gelan-t"), QuantSettings())
+    calibrate(q, [images(2, seed=3)], QuantSettings(), show=False)
+    name, quantizer, _ = next(u for u in unique_quantizers(q) if u[0].endswith("input_quantizer"))
+    quantizer.reset_amax()  # what calibrate leaves for a quantizer that saw no data: disabled, no amax
+    quantizer.disable()
+    f = save_qat(tmp_path / "qat.pt", q)
+    loaded, _, _ = load_qat(f)
+    after = dict((n, qq) for n, qq, _ in unique_quantizers(loaded))
+    assert after[name]._disabled and after[name].amax is None
+    x = images(2, seed=9)
+    for a, b in zip(_outputs(q, x), _outputs(loaded, x)):
+        assert torch.equal(a, b)
+    export_qat_onnx(loaded, tmp_path / "ok.onnx", imgsz=64)  # exports: the point stays float
+
+    # a file without the disabled list (older format): the quantizer comes back enabled with no amax;
+    # export then stops with one line instead of modelopt's assertion
+    ckpt = load_checkpoint(f)
+    del ckpt["qat"]["disabled"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, _, _ = load_qat(tmp_path / "old.pt")
+    with pytest.raises(UserError, match=f"no calibrated range \\(first: {name}\\)") as e:
+        export_qat_onnx(old, tmp_path / "bad.onnx", imgsz=64)
+    assert "\n" not in str(e.value) and not (tmp_path / "bad.onnx").exists()

@@ -59,7 +59,7 @@ def test_seven_bit_weights_export_exactly():
 
 def test_end2end_onnx_nms_matches_pytorch_nms():
     x = kit.images(2)
-    det = torch.from_numpy(_run_ort(kit.onnx_path("e2e_onnx"), x))
+    det = torch.from_numpy(kit.run_ort(kit.onnx_path("e2e_onnx"), x))
     per_image = [det[det[:, 0] == i][:, 1:] for i in range(len(x))]
     assert det.shape[1] == 7 and len(det) > 2  # the test model does detect something
     # the NMS in the graph = utils.general.non_max_suppression on the same raw predictions
@@ -69,15 +69,6 @@ def test_end2end_onnx_nms_matches_pytorch_nms():
     # and the same detections as PyTorch fake-quant + NMS
     ref = non_max_suppression(_fake_quant_output(x), 0.25, 0.45, max_det=100)
     kit.assert_same_detections(per_image, ref, min_iou=0.95, conf_tol=0.01)
-
-
-def _run_ort(path, x):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
 
 
 def test_end2end_tensorrt_writes_the_efficient_nms_plugin():

@@ -2,22 +2,13 @@
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 import qat_testkit as kit
 from qat.deploy.openvino import activations_to_uint8, requantize_weights, weight_levels
 from qat.graph import constants_to_initializers, format_report, import_graph, postprocess, scale_classes
 from qat.lint import lint
-
-
-def _ort(path_or_model, x):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
 
 
 def test_postprocess_of_a_ruled_model_changes_no_scale_and_no_output(tmp_path):
@@ -32,7 +23,7 @@ def test_postprocess_of_a_ruled_model_changes_no_scale_and_no_output(tmp_path):
     assert {p.key for p in after.metadata_props} >= {"qat", "float_layers", "strides"}
     assert "0 scale(s) changed" in format_report(r)
     x = kit.images(2)
-    assert np.array_equal(_ort(raw, x), _ort(tmp_path / "pp.onnx", x))  # cleaning changes nothing computed
+    assert np.array_equal(kit.run_ort(raw, x), kit.run_ort(tmp_path / "pp.onnx", x))  # cleaning changes nothing
     assert postprocess(tmp_path / "pp.onnx")["duplicates_merged"] == 0  # idempotent
 
 
@@ -74,7 +65,7 @@ def test_activations_to_uint8_is_lossless():
     assert n == 2 * len(acts) > 0
     assert all(zps[nd.input[2]].dtype == np.uint8 and zps[nd.input[2]] == 128 for nd in acts)
     x = kit.images(2)
-    assert np.array_equal(_ort(m, x), _ort(u8, x))  # bit-identical: same scale, range shifted by 128
+    assert np.array_equal(kit.run_ort(m, x), kit.run_ort(u8, x))  # bit-identical: same scale, range shifted by 128
 
 
 def test_requantize_weights_to_seven_bits():
@@ -95,3 +86,58 @@ def test_postprocess_bad_input(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a readable ONNX"):
         postprocess(tmp_path / "junk.onnx")
+
+
+def _one_channel_conv_model():
+    """images -> activation Q/DQ -> Conv whose weight (1 output channel, a single-class head's class
+    conv) has a per-tensor (scalar) Q/DQ, as torch.onnx exports it for nc=1."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (1, 3, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(0.02, np.float32), "s_act"),
+             numpy_helper.from_array(np.array(np.abs(w).max() / 127, np.float32), "s_w"),
+             numpy_helper.from_array(np.array(0, np.int8), "zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["images", "s_act", "zp"], ["xq"], name="act_q"),
+             helper.make_node("DequantizeLinear", ["xq", "s_act", "zp"], ["xd"], name="act_dq"),
+             helper.make_node("QuantizeLinear", ["W", "s_w", "zp"], ["wq"], name="w_q"),
+             helper.make_node("DequantizeLinear", ["wq", "s_w", "zp"], ["wd"], name="w_dq"),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="/model.0/conv/Conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "one_channel", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                                   [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_single_output_channel_weight_becomes_per_channel(tmp_path):
+    m = _one_channel_conv_model()
+    onnx.save(m, tmp_path / "raw.onnx")
+    assert any("per-tensor weight scale" in v for v in lint(tmp_path / "raw.onnx"))
+    report = postprocess(tmp_path / "raw.onnx", tmp_path / "pp.onnx")
+    assert report["weights_made_per_channel"] == 1
+    assert lint(tmp_path / "pp.onnx") == []
+    pp = onnx.load(str(tmp_path / "pp.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in pp.graph.initializer}
+    for node in pp.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.name.startswith("w_"):
+            assert inits[node.input[1]].shape == (1,) and inits[node.input[2]].shape == (1,)
+            assert helper_attr(node, "axis") == 0
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert np.array_equal(kit.run_ort(m, x), kit.run_ort(pp, x))  # the same numbers
+
+
+def helper_attr(node, name):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def test_uint8_rewrite_leaves_a_per_tensor_weight_alone():
+    m = _one_channel_conv_model()
+    u8 = onnx.ModelProto()
+    u8.CopyFrom(m)
+    assert activations_to_uint8(u8) == 2  # the activation pair only
+    by_name = {n.name: n for n in u8.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in u8.graph.initializer}
+    assert inits[by_name["act_dq"].input[2]].dtype == np.uint8
+    assert inits[by_name["w_q"].input[2]].dtype == np.int8 and inits[by_name["w_dq"].input[2]].dtype == np.int8
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert np.array_equal(kit.run_ort(m, x), kit.run_ort(u8, x))

@@ -266,3 +266,19 @@ def test_run_cli_exit_codes(capsys):
     assert e.value.code == 130 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert run_cli(lambda: 7) == 7
 
+
+
+def test_coco_yaml_has_upstreams_keys_and_names_and_says_where_coco_goes(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.find_spec("yolo9")
+    if spec is None:
+        pytest.skip("test-only peer 'yolo9' is not installed")
+    root = Path(__file__).resolve().parents[2]
+    ours = yaml_load(root / "data" / "coco.yaml")
+    upstream = yaml_load(Path(spec.origin).parent / "data" / "coco.yaml")
+    assert all(ours[k] == upstream[k] for k in ("path", "train", "val", "test"))
+    assert ours["names"] == upstream["names"] and len(ours["names"]) == 80
+    monkeypatch.chdir(tmp_path)  # no COCO anywhere
+    with pytest.raises(UserError, match=r"COCO not found at .*images/\{train2017,val2017\}"):
+        check_dataset(root / "data" / "coco.yaml", required=("val",))

@@ -60,22 +60,81 @@ def test_bbox_iou_ciou_gradient_flows():
 
 # ---------------------------------------------------------------------------------------------
 # matching
-def test_process_batch_one_to_one_highest_iou():
+def test_process_batch_confident_detection_wins():
     labels = torch.tensor([[0.0, 0.0, 0.0, 10.0, 10.0], [1.0, 50.0, 50.0, 60.0, 60.0]])
-    dets = torch.tensor([
-        [0.0, 0.0, 10.0, 10.0, 0.5, 0.0],   # exact, lower score: matched (best IoU)
-        [0.0, 0.0, 10.0, 9.0, 0.9, 0.0],    # IoU 0.9 with the same label: duplicate -> FP
+    dets = torch.tensor([  # in NMS order: descending confidence
+        [0.0, 0.0, 10.0, 9.0, 0.9, 0.0],    # IoU 0.9, most confident: matched up to threshold 0.9
         [50.0, 50.0, 60.0, 60.0, 0.8, 0.0],  # right box, wrong class -> FP
         [100.0, 100.0, 110.0, 110.0, 0.7, 1.0],  # no label there -> FP
+        [0.0, 0.0, 10.0, 10.0, 0.5, 0.0],   # exact but less confident: a duplicate, except at 0.95
     ])
     correct = process_batch(dets, labels, IOUV)
     assert correct.shape == (4, 10) and correct.dtype == torch.bool
-    assert correct[0].all() and not correct[1:].any()
-    # at thresholds the exact box passes but the duplicate would as well: still one match per label
-    correct = process_batch(dets[1:2], labels, IOUV)  # alone, the 0.9-IoU box matches up to 0.9
     assert correct[0].tolist() == [True] * 9 + [False]
+    assert not correct[1:3].any()
+    assert correct[3].tolist() == [False] * 9 + [True]
     assert process_batch(dets[:0], labels, IOUV).shape == (0, 10)
     assert not process_batch(dets, labels[:0], IOUV).any()
+
+
+def adversarial_images(rng, n_images=60, nc=3):
+    """Images built to hit every tie and corner of the matching: integer boxes on a 12-pixel canvas
+    (many exactly equal IoUs, IoUs exactly on thresholds), clusters of duplicate detections around
+    one label (identical boxes included), detections between two labels, several classes, scores
+    drawn from a few values (equal scores), and images without labels, detections or both.
+    Detections per image in NMS order (descending score). Returns [(labels (M, 5), dets (N, 6))]."""
+    images = []
+    for _ in range(n_images):
+        n_labels = int(rng.choice([0, 1, 2, 3, 5]))
+        labels = []
+        for _ in range(n_labels):
+            x1, y1 = rng.integers(0, 8, 2)
+            w, h = rng.integers(2, 5, 2)
+            labels.append([int(rng.integers(nc)), x1, y1, x1 + w, y1 + h])
+        dets = []
+        for lb in labels:
+            for _ in range(int(rng.choice([0, 1, 3, 6]))):  # a cluster of duplicates around this label
+                box = np.array(lb[1:], dtype=float)
+                if rng.random() < 0.7:
+                    box = box + rng.integers(-1, 2, 4)
+                box[2:] = np.maximum(box[2:], box[:2] + 1)
+                cls = lb[0] if rng.random() < 0.85 else int(rng.integers(nc))
+                dets.append([*box, rng.choice([0.3, 0.5, 0.5, 0.9]), cls])
+        if len(labels) >= 2 and rng.random() < 0.5:  # a box spanning two labels
+            a, b = labels[0], labels[1]
+            dets.append([min(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]), max(a[4], b[4]), 0.5, a[0]])
+        for _ in range(int(rng.choice([0, 0, 2]))):  # false detections anywhere
+            x1, y1 = rng.integers(0, 10, 2)
+            dets.append([x1, y1, x1 + 2, y1 + 2, rng.choice([0.1, 0.5]), int(rng.integers(nc))])
+        dets = torch.tensor(dets, dtype=torch.float32).view(-1, 6)
+        dets = dets[torch.argsort(-dets[:, 4], stable=True)]
+        images.append((torch.tensor(labels, dtype=torch.float32).view(-1, 5), dets))
+    return images
+
+
+@pytest.mark.parametrize("nc,seed", [(1, 0), (3, 1), (3, 2)])
+def test_matching_and_ap_identical_to_peer(nc, seed):
+    from tests.peer import peer_module
+
+    peer_val, peer_metrics = peer_module("yolo9.val"), peer_module("yolo9.utils.metrics")
+    images = adversarial_images(np.random.default_rng(seed), nc=nc)
+    ours, theirs, n_differs_old = [], [], 0
+    for labels, dets in images:
+        correct = process_batch(dets, labels, IOUV)
+        if len(dets) and len(labels):  # upstream's val.py calls it only then
+            ref = peer_val.process_batch(dets, labels, IOUV)
+            assert torch.equal(correct, ref), f"labels {labels.tolist()}\ndets {dets.tolist()}"
+        else:
+            ref = torch.zeros_like(correct)
+            assert not correct.any()
+        ours.append((correct, dets[:, 4], dets[:, 5], labels[:, 0]))
+        theirs.append((ref, dets[:, 4], dets[:, 5], labels[:, 0]))
+    ours = [torch.cat(x, 0).numpy() for x in zip(*ours)]
+    theirs = [torch.cat(x, 0).numpy() for x in zip(*theirs)]
+    assert ours[0].sum() > 50 and (~ours[0]).sum() > 50  # a real mix of true and false positives
+    a, b = ap_per_class(*ours), peer_metrics.ap_per_class(*theirs, names={})
+    for name, x, y in zip(("tp", "fp", "p", "r", "f1", "ap", "classes"), a, b):
+        assert np.array_equal(x, y), f"{name}: {x} vs {y}"
 
 
 # ---------------------------------------------------------------------------------------------
