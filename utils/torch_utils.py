@@ -140,10 +140,18 @@ def save_atomic(obj, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+            if isinstance(e, RuntimeError) and "inline_container" not in str(e):
+                raise
+            reason = e.strerror if isinstance(e, OSError) else "the write failed"
+            raise UserError(f"cannot write {path}: {reason} (disk full or not writable?): free space or choose "
+                            f"another --project/--out; "
+                            f"{'the old ' + path.name + ' is unchanged' if path.exists() else 'nothing was written'}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file torch.save's usual mode
