@@ -140,7 +140,9 @@ def _check_row(i, row, n_before):
     if not froms or not all(isinstance(x, int) and not isinstance(x, bool) for x in froms):
         bad("'from' must be a layer index or a list of them")
     for x in froms:
-        if not (-n_before <= x < n_before if i else x == -1):
+        if i == 0 and x != -1:
+            bad(f"'from' {x}: the first layer reads the input image, 'from' -1")
+        if i and not -n_before <= x < n_before:
             bad(f"'from' {x} is not an earlier layer (layers 0..{n_before - 1}, or -k for k layers back)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         bad("'number' must be a whole number >= 1")

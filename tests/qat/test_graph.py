@@ -95,3 +95,18 @@ def test_postprocess_bad_input(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a readable ONNX"):
         postprocess(tmp_path / "junk.onnx")
+
+
+def test_written_onnx_has_the_usual_mode(tmp_path):
+    """Issue 16 (minor): the post-processed ONNX is readable by others like any file the user writes
+    (the atomic temp file starts as mkstemp's 0600)."""
+    import os
+    import stat
+
+    raw = kit.onnx_path("qat_raw", tmp_path)
+    umask = os.umask(0o022)
+    try:
+        postprocess(raw, tmp_path / "pp.onnx")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "pp.onnx").stat().st_mode) == 0o644
