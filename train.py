@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import yaml
 from torch.optim import lr_scheduler
 from tqdm import tqdm
 
@@ -47,7 +46,7 @@ from utils.callbacks import Callbacks  # noqa: E402
 from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.general import (LOGGER, UserError, check_dataset, check_img_size, colorstr, increment_path,  # noqa: E402
-                           print_args, run_cli, yaml_load, yaml_save)
+                           print_args, run_cli, yaml_load, yaml_load_mapping, yaml_save)
 from utils.loss_tal import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_results, read_results_csv  # noqa: E402
@@ -76,10 +75,7 @@ def load_hyp(hyp):
     if isinstance(hyp, (str, Path)):
         if not Path(hyp).is_file():
             raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml, e.g. data/hyps/hyp.scratch-high.yaml")
-        try:
-            hyp = yaml_load(hyp)
-        except yaml.YAMLError as e:
-            raise UserError(f"--hyp {hyp} is not valid YAML: {str(e).splitlines()[0]}") from None
+        hyp = yaml_load_mapping(hyp, "a hyperparameter yaml holds name: value pairs", flag="--hyp ")
     if not isinstance(hyp, dict):
         raise UserError("--hyp must be a yaml file holding a mapping of hyperparameters")
     hyp = dict(hyp)

@@ -205,7 +205,7 @@ def load_hyp(hyp, required=()):
             path = ROOT / hyp
         if not path.is_file():
             raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml such as {DEFAULT_HYP}")
-        try:
+        try:  # (not utils.general.yaml_load_mapping: in an upstream clone utils.general is upstream's)
             hyp = yaml_load(path)
         except yaml.YAMLError as e:
             raise UserError(f"--hyp {path} is not valid YAML: {str(e).splitlines()[0]}") from None

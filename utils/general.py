@@ -139,6 +139,18 @@ def yaml_load(path):
         return yaml.safe_load(f)
 
 
+def yaml_load_mapping(path, hint, flag=""):
+    """A yaml file that must hold a mapping -> dict. Invalid YAML or another kind of content is a
+    UserError: `<flag><path> is not valid YAML: ...` / `... does not hold a mapping: <hint>`."""
+    try:
+        loaded = yaml_load(path)
+    except yaml.YAMLError as e:
+        raise UserError(f"{flag}{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{flag}{path} does not hold a mapping: {hint}")
+    return loaded
+
+
 def yaml_save(path, data):
     """Save a dict as YAML (Path values written as strings, key order kept)."""
     with open(path, "w") as f:
@@ -183,13 +195,7 @@ def check_dataset(data, required=("train", "val")):
         if not file.is_file():
             raise UserError(f"data yaml {file} not found: pass --data with the path of a dataset yaml "
                             f"(keys path, train, val, names)")
-        try:
-            loaded = yaml_load(file)
-        except yaml.YAMLError as e:
-            raise UserError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{file} does not hold a mapping: a data yaml needs keys path, train, val, names")
-        data = loaded
+        data = yaml_load_mapping(file, "a data yaml needs keys path, train, val, names")
         yaml_dir = file.resolve().parent
     elif isinstance(data, dict):
         data = dict(data)
