@@ -112,7 +112,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=nonneg_int, default=1, help="QAT epochs")
     p.add_argument("--iters-per-epoch", type=nonneg_int, default=60, help="QAT iterations per epoch")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--weight-bits", type=int, choices=(7, 8), default=8, help="7 for CPUs without VNNI (DESIGN.md section 5)")
+    p.add_argument("--weight-bits", type=int, choices=(7, 8), default=8,
+                   help="7 for CPUs without VNNI (DESIGN.md section 5)")
     p.add_argument("--threads", type=positive_int, default=2, help="OpenVINO threads for the latency comparison")
     p.add_argument("--name", default="demo")
     opt = p.parse_args(argv)

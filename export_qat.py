@@ -133,7 +133,8 @@ def parse_opt(argv=None):
     parser.add_argument("--end2end", action="store_true", help="NMS inside the graph (writes <weights>-end2end.onnx)")
     parser.add_argument("--nms", default="auto", choices=("auto", "tensorrt", "onnx"),
                         help="end2end NMS: TensorRT EfficientNMS_TRT plugin or standard ONNX NonMaxSuppression")
-    parser.add_argument("--topk-all", type=positive_int, default=100, help="end2end: max detections per image (per class "
+    parser.add_argument("--topk-all", type=positive_int, default=100,
+                        help="end2end: max detections per image (per class "
                                                                    "for --nms onnx)")
     parser.add_argument("--iou-thres", type=probability, default=0.45, help="end2end: NMS IoU threshold")
     parser.add_argument("--conf-thres", type=probability, default=0.25, help="end2end: confidence threshold")

@@ -443,7 +443,8 @@ def parse_opt(argv=None):
                         help="hyperparameters path")
     parser.add_argument("--epochs", type=positive_int, default=100, help="total training epochs")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="total batch size for all ranks")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=imgsz_int, default=640, help="train, val image size (pixels)")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=imgsz_int, default=640,
+                        help="train, val image size (pixels)")
     parser.add_argument("--rect", action="store_true", help="rectangular training")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="resume the newest run under --project, or the given last.pt")
@@ -462,8 +463,10 @@ def parse_opt(argv=None):
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
     parser.add_argument("--flat-cos-lr", action="store_true", help="flat cosine LR scheduler")
-    parser.add_argument("--patience", type=nonneg_int, default=100, help="EarlyStopping patience (epochs without improvement)")
-    parser.add_argument("--freeze", nargs="+", type=nonneg_int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
+    parser.add_argument("--patience", type=nonneg_int, default=100,
+                        help="EarlyStopping patience (epochs without improvement)")
+    parser.add_argument("--freeze", nargs="+", type=nonneg_int, default=[0],
+                        help="Freeze layers: backbone=10, first3=0 1 2")
     parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="Global training seed")
     parser.add_argument("--close-mosaic", type=nonneg_int, default=0, help="train the last N epochs without mosaic")

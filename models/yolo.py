@@ -302,7 +302,8 @@ class DetectionModel(BaseModel):
             try:
                 m.stride = self._head_strides(ch)
             except RuntimeError as e:  # layers whose shapes do not fit together (a malformed yaml)
-                raise UserError(f"model yaml: the layers do not fit together ({str(e).splitlines()[0][:200]})") from None
+                detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise UserError(f"model yaml: the layers do not fit together ({detail})") from None
             self.stride = m.stride
             m.bias_init()
         initialize_weights(self)

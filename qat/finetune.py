@@ -212,7 +212,8 @@ class Trainer:
             items["det"] = float(det.detach())
             loss = loss + (self.opts.det_weight if self.teacher is not None else 1.0) * det
         if not torch.isfinite(loss):
-            raise UserError(f"QAT diverged: the loss is {float(loss.detach())} ({', '.join(f'{k} {v:.4g}' for k, v in items.items())})"
+            parts = ", ".join(f"{k} {v:.4g}" for k, v in items.items())
+            raise UserError(f"QAT diverged: the loss is {float(loss.detach())} ({parts})"
                             f" at lr {lr:.3g}: lower --lr{' or --det-weight' if self.compute_loss else ''}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

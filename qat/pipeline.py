@@ -54,12 +54,17 @@ def add_common_args(p):
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     p.add_argument("--seed", type=nonneg_int, default=0, help="global seed")
     p.add_argument("--trusted", action="store_true", help="full pickle loading of --weights (files you trust)")
-    p.add_argument("--val-batches", type=nonneg_int, default=0, help="evaluate on the first N val batches only (0: all)")
+    p.add_argument("--val-batches", type=nonneg_int, default=0,
+                   help="evaluate on the first N val batches only (0: all)")
     # quantization
-    p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=8, help="8, or 7 for CPUs without VNNI (DESIGN.md section 5)")
-    p.add_argument("--calib-method", default="max", choices=CALIB_METHODS, help=f"activation calibration: {' | '.join(CALIB_METHODS)}")
-    p.add_argument("--percentile", type=float_range(0.0, 100.0, lo_open=True), default=99.99, help="percentile for --calib-method percentile")
-    p.add_argument("--calib-batches", type=positive_int, default=32, help="calibration batches (train images, all ranks)")
+    p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=8,
+                   help="8, or 7 for CPUs without VNNI (DESIGN.md section 5)")
+    p.add_argument("--calib-method", default="max", choices=CALIB_METHODS,
+                   help=f"activation calibration: {' | '.join(CALIB_METHODS)}")
+    p.add_argument("--percentile", type=float_range(0.0, 100.0, lo_open=True), default=99.99,
+                   help="percentile for --calib-method percentile")
+    p.add_argument("--calib-batches", type=positive_int, default=32,
+                   help="calibration batches (train images, all ranks)")
     p.add_argument("--no-last-layer", action="store_true", help="keep the detection head (model.model[-1]) float")
     p.add_argument("--skip-layers", nargs="+", default=[], metavar="REGEX",
                    help="keep modules whose quantizer names match in float, e.g. '^model\\.22\\.'")
@@ -70,16 +75,20 @@ def add_common_args(p):
 
 def add_finetune_args(p):
     p.add_argument("--epochs", type=nonneg_int, default=10, help="QAT epochs (0: post-training quantization only)")
-    p.add_argument("--iters-per-epoch", type=nonneg_int, default=200, help="iterations per epoch (0: one pass of the data)")
+    p.add_argument("--iters-per-epoch", type=nonneg_int, default=200,
+                   help="iterations per epoch (0: one pass of the data)")
     p.add_argument("--lr", type=positive_float, default=1e-5, help="initial learning rate (cosine to lr * lrf)")
     p.add_argument("--lrf", type=nonneg_float, default=0.01, help="final learning rate fraction")
     p.add_argument("--optimizer", default="Adam", choices=OPTIMIZERS, help="Adam | AdamW | SGD")
-    p.add_argument("--momentum", type=float_range(0.0, 1.0, hi_open=True), default=0.9, help="SGD momentum / Adam beta1")
+    p.add_argument("--momentum", type=float_range(0.0, 1.0, hi_open=True), default=0.9,
+                   help="SGD momentum / Adam beta1")
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="weight decay")
-    p.add_argument("--loss", default="distill", choices=LOSSES, help="distill (vs FP32, no labels) | det (labels) | both")
+    p.add_argument("--loss", default="distill", choices=LOSSES,
+                   help="distill (vs FP32, no labels) | det (labels) | both")
     p.add_argument("--det-weight", type=nonneg_float, default=1e-3,
                    help="--loss both: distill + det_weight * det (det per image is ~1000x the distill MSE)")
-    p.add_argument("--supervision-stride", type=positive_int, default=1, help="distill every N-th layer's output (+ head)")
+    p.add_argument("--supervision-stride", type=positive_int, default=1,
+                   help="distill every N-th layer's output (+ head)")
     p.add_argument("--save-period", type=nonneg_int, default=100, help="also write qat_last.pt every N iterations")
     p.add_argument("--augment", action="store_true", help="train-time augmentation from --hyp (default: none)")
     p.add_argument("--resume", nargs="?", const=True, default=False, help="continue a run from its qat_last.pt")

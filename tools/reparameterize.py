@@ -169,7 +169,8 @@ def run(weights, cfg=None, out=None, trusted=False):
     if out.resolve() == Path(weights).resolve():
         raise UserError(f"--out {out} would overwrite --weights; choose another file name")
     if out.is_dir():
-        raise UserError(f"--out {out} is a folder: pass a file name, e.g. {out / (Path(weights).stem + '-converted.pt')}")
+        example = out / f"{Path(weights).stem}-converted.pt"
+        raise UserError(f"--out {out} is a folder: pass a file name, e.g. {example}")
     ckpt = load_checkpoint(weights, trusted=trusted)
     dual = model_from_checkpoint(ckpt, fuse=False)
     single = reparameterize_model(dual, cfg or default_cfg(dual))

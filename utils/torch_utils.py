@@ -149,9 +149,9 @@ def save_atomic(obj, path):
             if isinstance(e, RuntimeError) and "inline_container" not in str(e):
                 raise
             reason = e.strerror if isinstance(e, OSError) else "the write failed"
+            kept = f"the old {path.name} is unchanged" if path.exists() else "nothing was written"
             raise UserError(f"cannot write {path}: {reason} (disk full or not writable?): free space or choose "
-                            f"another --project/--out; "
-                            f"{'the old ' + path.name + ' is unchanged' if path.exists() else 'nothing was written'}") from None
+                            f"another --project/--out; {kept}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file torch.save's usual mode
