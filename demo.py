@@ -11,7 +11,6 @@ and prints one table: FP32 / PTQ / QAT / deployed-INT8 mAP and the latency ratio
 runs/demo/<name>/summary.{md,json}. Each step is the user's own command, run as a subprocess, so the
 demo proves exactly what a user runs.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int  # noqa: E402
 from utils.general import LOGGER, UserError, colorstr, run_cli  # noqa: E402
 
 DEMO_WEIGHTS = ROOT / "weights/demo-gelan.pt"
@@ -105,15 +105,16 @@ def summary(title, report, deployed, best, threads, fp32_ms, int8_ms, wall_s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=str(DEMO_WEIGHTS), help="FP32 checkpoint (default: the demo checkpoint)")
     p.add_argument("--data", default=str(DEMO_DATA), help="dataset yaml (default: the demo data)")
-    p.add_argument("--imgsz", type=int, default=320)
-    p.add_argument("--epochs", type=int, default=1, help="QAT epochs")
-    p.add_argument("--iters-per-epoch", type=int, default=60, help="QAT iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--weight-bits", type=int, default=8, help="7 for CPUs without VNNI (DESIGN.md section 5)")
-    p.add_argument("--threads", type=int, default=2, help="OpenVINO threads for the latency comparison")
+    p.add_argument("--imgsz", type=imgsz_int, default=320)
+    p.add_argument("--epochs", type=nonneg_int, default=1, help="QAT epochs")
+    p.add_argument("--iters-per-epoch", type=nonneg_int, default=60, help="QAT iterations per epoch")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--weight-bits", type=int, choices=(7, 8), default=8,
+                   help="7 for CPUs without VNNI (DESIGN.md section 5)")
+    p.add_argument("--threads", type=positive_int, default=2, help="OpenVINO threads for the latency comparison")
     p.add_argument("--name", default="demo")
     opt = p.parse_args(argv)
 

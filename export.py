@@ -9,7 +9,6 @@ boxes in input pixels and class scores, as upstream's export. A dual-head (train
 main head only. The exporter is qat.export's (one exporter for float and Q/DQ models); the file is
 written under a temporary name and moved into place when complete.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.experimental import attempt_load  # noqa: E402
+from utils.cli import ArgumentParser, imgsz_int, opset_int, positive_int  # noqa: E402
 from utils.general import LOGGER, UserError, check_img_size, colorstr, file_size, print_args, run_cli  # noqa: E402
 from utils.torch_utils import atomic_output, select_device  # noqa: E402
 
@@ -60,12 +60,12 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
 
 
 def parse_opt(argv=None):
-    parser = argparse.ArgumentParser(description="Export a YOLOv9 checkpoint to FP32 ONNX (written beside the weights)")
+    parser = ArgumentParser(description="Export a YOLOv9 checkpoint to FP32 ONNX (written beside the weights)")
     parser.add_argument("--weights", type=str, required=True, help="model checkpoint (.pt)")
-    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="image (h, w)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=imgsz_int, default=[640], help="image (h, w)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size")
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width axes")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    parser.add_argument("--opset", type=opset_int, default=17, help="ONNX opset version")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
     parser.add_argument("--device", default="cpu", help="cuda device, i.e. 0 or cpu")
     parser.add_argument("--trusted", action="store_true",

@@ -13,7 +13,6 @@ num_dets, det_boxes, det_scores, det_classes) or the standard ONNX NonMaxSuppres
 output `detections` (K, 7) = image, x1, y1, x2, y2, conf, class). --nms auto picks tensorrt when
 TensorRT and a GPU are here, else onnx.
 """
-import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from qat.compat import UserError, atomic_output, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
+from utils.cli import ArgumentParser, imgsz_int, opset_int, positive_int, probability  # noqa: E402
 from utils.general import LOGGER, check_img_size, colorstr, file_size, print_args  # noqa: E402
 
 
@@ -123,23 +123,24 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
 
 
 def parse_opt(argv=None):
-    parser = argparse.ArgumentParser(description="Export a QAT checkpoint to Q/DQ ONNX (a plain one to FP32 ONNX), "
+    parser = ArgumentParser(description="Export a QAT checkpoint to Q/DQ ONNX (a plain one to FP32 ONNX), "
                                                  "written beside the weights")
     parser.add_argument("--weights", type=str, required=True, help="QAT (or plain) checkpoint (.pt)")
-    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="image (h, w)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=imgsz_int, default=[640], help="image (h, w)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size")
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch (and h/w without --end2end)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (>= 13)")
+    parser.add_argument("--opset", type=opset_int, default=17, help="ONNX opset version (>= 13)")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
     parser.add_argument("--device", default="cpu", help="cuda device, i.e. 0 or cpu")
     parser.add_argument("--no-last-layer", action="store_true", help="export the detection head without Q/DQ")
     parser.add_argument("--end2end", action="store_true", help="NMS inside the graph (writes <weights>-end2end.onnx)")
     parser.add_argument("--nms", default="auto", choices=("auto", "tensorrt", "onnx"),
                         help="end2end NMS: TensorRT EfficientNMS_TRT plugin or standard ONNX NonMaxSuppression")
-    parser.add_argument("--topk-all", type=int, default=100, help="end2end: max detections per image (per class "
+    parser.add_argument("--topk-all", type=positive_int, default=100,
+                        help="end2end: max detections per image (per class "
                                                                    "for --nms onnx)")
-    parser.add_argument("--iou-thres", type=float, default=0.45, help="end2end: NMS IoU threshold")
-    parser.add_argument("--conf-thres", type=float, default=0.25, help="end2end: confidence threshold")
+    parser.add_argument("--iou-thres", type=probability, default=0.45, help="end2end: NMS IoU threshold")
+    parser.add_argument("--conf-thres", type=probability, default=0.25, help="end2end: confidence threshold")
     parser.add_argument("--trusted", action="store_true",
                         help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
     return parser.parse_args(argv)

@@ -18,6 +18,7 @@ On a busy shared CPU, OMP_NUM_THREADS=1 can be much faster than two spinning thr
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -42,9 +43,10 @@ import val as validate  # noqa: E402
 from models.experimental import attempt_load, load_checkpoint  # noqa: E402
 from models.yolo import Model  # noqa: E402
 from utils.callbacks import Callbacks  # noqa: E402
+from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.general import (LOGGER, UserError, check_dataset, check_img_size, colorstr, increment_path,  # noqa: E402
-                           print_args, run_cli, yaml_load, yaml_save)
+                           print_args, run_cli, yaml_load, yaml_load_mapping, yaml_save)
 from utils.loss_tal import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_results, read_results_csv  # noqa: E402
@@ -73,16 +75,19 @@ def load_hyp(hyp):
     if isinstance(hyp, (str, Path)):
         if not Path(hyp).is_file():
             raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml, e.g. data/hyps/hyp.scratch-high.yaml")
-        hyp = yaml_load(hyp)
+        hyp = yaml_load_mapping(hyp, "a hyperparameter yaml holds name: value pairs", flag="--hyp ")
     if not isinstance(hyp, dict):
         raise UserError("--hyp must be a yaml file holding a mapping of hyperparameters")
     hyp = dict(hyp)
     missing = [k for k in HYP_KEYS if k not in hyp]
     if missing:
         raise UserError(f"hyperparameters miss {', '.join(missing)}: start from data/hyps/hyp.scratch-high.yaml")
-    bad = [k for k in HYP_KEYS if isinstance(hyp[k], bool) or not isinstance(hyp[k], (int, float))]
+    bad = [k for k in HYP_KEYS if isinstance(hyp[k], bool) or not isinstance(hyp[k], (int, float))
+           or not math.isfinite(hyp[k])]
     if bad:
-        raise UserError(f"hyperparameter {bad[0]}={hyp[bad[0]]!r} is not a number")
+        raise UserError(f"hyperparameter {bad[0]}={hyp[bad[0]]!r} is not a finite number")
+    if not hyp["lr0"] > 0 or hyp["lrf"] < 0:
+        raise UserError(f"hyperparameters lr0={hyp['lr0']} must be > 0 and lrf={hyp['lrf']} >= 0")
     nbs = hyp.get("nbs", NBS)
     if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs < 1:
         raise UserError(f"hyperparameter nbs={nbs!r} must be a positive integer (nominal batch size, default {NBS})")
@@ -120,16 +125,17 @@ def build_model(opt, nc, names, device):
 
 def build_dataloaders(data_dict, imgsz, batch_size, gs, hyp, opt):
     """-> (train_loader, train_dataset, val_loader or None). Batch sizes are per rank; only rank 0
-    (or a single process) validates."""
+    (or a single process) validates. Labels of a class >= nc are skipped and counted by the scan."""
+    nc = 1 if opt.single_cls else int(data_dict["nc"])
     train_loader, dataset = create_dataloader(data_dict["train"], imgsz, batch_size // WORLD_SIZE, gs, hyp=hyp,
                                               augment=True, rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers,
                                               shuffle=True, prefix=colorstr("train: "), seed=opt.seed,
-                                              single_cls=opt.single_cls)
+                                              single_cls=opt.single_cls, nc=nc)
     val_loader = None
     if RANK in (-1, 0):
         val_loader = create_dataloader(data_dict["val"], imgsz, batch_size // WORLD_SIZE * 2, gs, hyp=hyp, rect=True,
                                        rank=-1, workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "),
-                                       single_cls=opt.single_cls)[0]
+                                       single_cls=opt.single_cls, nc=nc)[0]
     return train_loader, dataset, val_loader
 
 
@@ -213,11 +219,6 @@ def train(hyp, opt, device, callbacks):
 
     hyp = load_hyp(hyp)
     opt.hyp = hyp.copy()  # saved in opt.yaml and the checkpoints (before weight decay scaling)
-    if main_rank:
-        w.mkdir(parents=True, exist_ok=True)
-        LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
-        yaml_save(save_dir / "hyp.yaml", hyp)
-        yaml_save(save_dir / "opt.yaml", vars(opt))
 
     cuda = device.type == "cuda"
     amp = cuda  # mixed precision only where it pays and is numerically checked: CUDA
@@ -230,6 +231,9 @@ def train(hyp, opt, device, callbacks):
 
     # Model
     model, ckpt = build_model(opt, nc, names, device)
+    if max(opt.freeze) >= len(model.model):
+        raise UserError(f"--freeze {' '.join(map(str, opt.freeze))}: the model has layers 0-{len(model.model) - 1} "
+                        f"(--freeze N freezes the first N, --freeze A B ... those layers)")
     freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
     for k, v in model.named_parameters():
         if any(x in k for x in freeze):
@@ -237,6 +241,11 @@ def train(hyp, opt, device, callbacks):
             v.requires_grad = False
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+    if main_rank:  # only now: a run that fails on its inputs leaves no run folder behind
+        w.mkdir(parents=True, exist_ok=True)
+        LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
 
     # QAT (issues 4-5): `--qat` hands the loaded FP32 model to qat.pipeline (the code train_qat.py
     # runs) and returns its results instead of running the FP32 loop below (DDP is set up by main()).
@@ -246,10 +255,6 @@ def train(hyp, opt, device, callbacks):
 
     # Data
     train_loader, dataset, val_loader = build_dataloaders(data_dict, imgsz, batch_size, gs, hyp, opt)
-    labels = np.concatenate(dataset.labels, 0)
-    if len(labels) and int(labels[:, 0].max()) >= nc:
-        raise UserError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}: "
-                        f"class labels must be 0-{nc - 1}")
 
     # Optimizer, LR schedule, EMA
     nbs = hyp.get("nbs", NBS)  # optional hyp key (not in upstream's yamls): fewer images per optimizer step
@@ -331,6 +336,9 @@ def train(hyp, opt, device, callbacks):
             with torch.autocast(device_type=device.type, enabled=amp):
                 pred = model(imgs)
                 loss, loss_items = compute_loss(pred, targets.to(device))  # loss scaled by batch size
+                if not torch.isfinite(loss).all():
+                    raise UserError(f"training diverged: the loss is {loss.item()} at epoch {epoch}, batch {i} "
+                                    f"(lr0={hyp['lr0']}): lower lr0 in --hyp; last.pt/best.pt keep the last good epoch")
                 if RANK != -1:
                     loss = loss * WORLD_SIZE  # DDP averages gradients over ranks
             scaler.scale(loss).backward()
@@ -361,6 +369,9 @@ def train(hyp, opt, device, callbacks):
 
         if main_rank:
             ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride"])
+            if not all(torch.isfinite(p).all() for p in ema.ema.state_dict().values() if p.is_floating_point()):
+                raise UserError(f"training diverged: the weights are not finite after epoch {epoch} "
+                                f"(lr0={hyp['lr0']}): lower lr0 in --hyp; last.pt/best.pt keep the last good epoch")
             final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
             if not opt.noval or final_epoch:
                 results, _maps, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
@@ -424,15 +435,16 @@ def train(hyp, opt, device, callbacks):
 # --- command line ------------------------------------------------------------------------------------
 
 def parse_opt(argv=None):
-    parser = argparse.ArgumentParser(description="Train a YOLOv9 / GELAN detector (FP32, upstream flow)")
+    parser = ArgumentParser(description="Train a YOLOv9 / GELAN detector (FP32, upstream flow)")
     parser.add_argument("--weights", type=str, default="", help="initial weights path ('' = from scratch)")
     parser.add_argument("--cfg", type=str, default="", help="model.yaml path, e.g. models/detect/gelan-t.yaml")
     parser.add_argument("--data", type=str, default=str(ROOT / "data/demo.yaml"), help="dataset.yaml path")
     parser.add_argument("--hyp", type=str, default=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
                         help="hyperparameters path")
-    parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
-    parser.add_argument("--batch-size", type=int, default=16, help="total batch size for all ranks")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    parser.add_argument("--epochs", type=positive_int, default=100, help="total training epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="total batch size for all ranks")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=imgsz_int, default=640,
+                        help="train, val image size (pixels)")
     parser.add_argument("--rect", action="store_true", help="rectangular training")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="resume the newest run under --project, or the given last.pt")
@@ -445,17 +457,19 @@ def parse_opt(argv=None):
     parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
     parser.add_argument("--optimizer", type=str, choices=OPTIMIZERS, default="SGD", help="optimizer")
     parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only in DDP mode on CUDA")
-    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank in DDP mode)")
+    parser.add_argument("--workers", type=nonneg_int, default=8, help="max dataloader workers (per rank in DDP mode)")
     parser.add_argument("--project", default=str(ROOT / "runs/train"), help="save to project/name")
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
     parser.add_argument("--flat-cos-lr", action="store_true", help="flat cosine LR scheduler")
-    parser.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
-    parser.add_argument("--freeze", nargs="+", type=int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
+    parser.add_argument("--patience", type=nonneg_int, default=100,
+                        help="EarlyStopping patience (epochs without improvement)")
+    parser.add_argument("--freeze", nargs="+", type=nonneg_int, default=[0],
+                        help="Freeze layers: backbone=10, first3=0 1 2")
     parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
-    parser.add_argument("--seed", type=int, default=0, help="Global training seed")
-    parser.add_argument("--close-mosaic", type=int, default=0, help="train the last N epochs without mosaic")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="Global training seed")
+    parser.add_argument("--close-mosaic", type=nonneg_int, default=0, help="train the last N epochs without mosaic")
     parser.add_argument("--trusted", action="store_true",
                         help="allow full pickle loading of --weights (only for files you trust)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)

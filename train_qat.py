@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from qat.compat import UserError, run_cli  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from qat.pipeline import add_common_args, add_finetune_args, run, run_sensitivity  # noqa: E402
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
@@ -40,7 +41,7 @@ def parse_opt(argv=None):
     command = "qat"
     if argv and argv[0] == "sensitive":
         command, argv = "sensitive", argv[1:]
-    p = argparse.ArgumentParser(prog="train_qat.py" + (" sensitive" if command == "sensitive" else ""),
+    p = ArgumentParser(prog="train_qat.py" + (" sensitive" if command == "sensitive" else ""),
                                 description="YOLOv9 quantization-aware training (TensorRT-style INT8 Q/DQ)")
     add_common_args(p)
     if command == "qat":

@@ -6,7 +6,6 @@
 Prints the upstream table (P, R, mAP50, mAP50-95, overall and per class). `run()` is also called
 in-process by training and QAT with an in-memory `model` and `dataloader`.
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int, probability
 from utils.general import (LOGGER, UserError, check_dataset, check_img_size, coco80_to_coco91_class, colorstr,
                            increment_path, non_max_suppression, print_args, run_cli, scale_boxes, xywh2xyxy,
                            xyxy2xywh)
@@ -117,7 +117,6 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
             LOGGER.warning("WARNING: --half needs a CUDA device; running FP32 on the CPU")
             half = False
         model = attempt_load(weights, device=device, fuse=True, trusted=trusted)
-        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     model.half() if half else model.float()
     model.eval()
 
@@ -139,7 +138,9 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         stride = int(max(getattr(model, "stride", torch.tensor([32]))))
         imgsz = check_img_size(imgsz, s=stride)
         dataloader = create_dataloader(split, imgsz, batch_size, stride, pad=0.5, rect=True, workers=workers,
-                                       prefix=colorstr(f"{task}: "))[0]
+                                       prefix=colorstr(f"{task}: "), nc=None if single_cls else nc)[0]
+    if not training:  # only once the inputs are known to be good: a failed run leaves no empty folder
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
 
     # COCO val2017 with its annotation json: evaluate against that (COCO ids), else build one from labels
     split = data.get(task) if isinstance(data.get(task), str) else ""
@@ -269,18 +270,18 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
 
 
 def parse_opt(argv=None):
-    parser = argparse.ArgumentParser(description="Validate a YOLOv9 detection model (upstream metrics, "
+    parser = ArgumentParser(description="Validate a YOLOv9 detection model (upstream metrics, "
                                                  "optionally pycocotools)")
     parser.add_argument("--data", type=str, default=str(ROOT / "data/coco.yaml"), help="dataset.yaml path")
     parser.add_argument("--weights", type=str, required=True, help="model checkpoint (.pt)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
-    parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
-    parser.add_argument("--iou-thres", type=float, default=0.7, help="NMS IoU threshold")
-    parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="batch size")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=imgsz_int, default=640, help="inference size (pixels)")
+    parser.add_argument("--conf-thres", type=probability, default=0.001, help="confidence threshold")
+    parser.add_argument("--iou-thres", type=probability, default=0.7, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=positive_int, default=300, help="maximum detections per image")
     parser.add_argument("--task", default="val", choices=("train", "val", "test"), help="split to evaluate")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
-    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers")
+    parser.add_argument("--workers", type=nonneg_int, default=8, help="max dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
     parser.add_argument("--save-json", action="store_true", help="save COCO-JSON results and run pycocotools")
     parser.add_argument("--project", default=str(ROOT / "runs/val"), help="save to project/name")

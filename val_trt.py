@@ -16,7 +16,6 @@ the detection). The deployed mAP50-95 is checked against the reference (ONNX Run
 fake-quant model): a difference above --tolerance is reported. Results: runs/val_trt/<name>/
 results.md and results.json.
 """
-import argparse
 import json
 import sys
 import warnings
@@ -27,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from qat.compat import UserError, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
+from utils.cli import ArgumentParser, imgsz_int, nonneg_float, nonneg_int, positive_int, probability  # noqa: E402
 from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path, print_args  # noqa: E402
 
 
@@ -68,6 +68,15 @@ def _row(label, backend_desc, r, latency_ms=None):
     (mp, mr, map50, map_, *_), _, times = r
     return {"model": label, "runtime": backend_desc, "P": float(mp), "R": float(mr), "mAP50": float(map50),
             "mAP50-95": float(map_), "ms_per_img": float(times[1]), "ms_per_call": latency_ms}
+
+
+def _onnx_nc(path):
+    """The classes an ONNX predicts: 4 + nc channels in its one (B, 4+nc, anchors) output; None for
+    other layouts (NMS inside the graph)."""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = graph.output[0].type.tensor_type.shape.dim if len(graph.output) == 1 else []
+    return dims[1].dim_value - 4 if len(dims) == 3 and dims[1].HasField("dim_value") else None
 
 
 def _check_dataset(data, task):
@@ -159,6 +168,11 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
         imgsz = int(max(next((m.get("imgsz") for _, m, _ in deployables if m.get("imgsz")), None) or [640]))
     imgsz = check_img_size(imgsz, s=32)
     data = _check_dataset(data, task)
+    for f, _, _ in deployables:
+        onnx_nc = _onnx_nc(f) if f.suffix == ".onnx" else None
+        if onnx_nc is not None and onnx_nc != int(data["nc"]):
+            raise UserError(f"{f.name} predicts {onnx_nc} classes but the data yaml has {data['nc']}: "
+                            f"pass the --data the model was trained on")
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     dataloader = create_dataloader(data[task], imgsz, batch_size, 32, pad=0.0, rect=False, workers=workers,
                                    prefix=colorstr(f"{task}: "))[0]
@@ -221,7 +235,7 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
 
 
 def parse_opt(argv=None):
-    parser = argparse.ArgumentParser(description="mAP and latency of a deployed INT8 model beside PyTorch FP32 / QAT")
+    parser = ArgumentParser(description="mAP and latency of a deployed INT8 model beside PyTorch FP32 / QAT")
     parser.add_argument("--weights", nargs="+", type=str, default=None,
                         help="model(s) as upstream's val.py: model.onnx (float from export.py or Q/DQ from "
                              "export_qat.py), model.engine, model.pt; several give one table")
@@ -230,21 +244,22 @@ def parse_opt(argv=None):
     parser.add_argument("--checkpoint", nargs="+", type=str, default=None,
                         help="PyTorch checkpoint(s) for the PyTorch rows (FP32; a QAT one adds fake-quant)")
     parser.add_argument("--data", type=str, required=True, help="dataset.yaml path")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+    parser.add_argument("--imgsz", "--img", "--img-size", type=imgsz_int, default=None,
                         help="inference size (default: the ONNX's, else 640)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size")
-    parser.add_argument("--backend", default="auto", help="auto | tensorrt | openvino | onnxruntime")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size")
+    parser.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "openvino", "onnxruntime"),
+                        help="auto: tensorrt where TensorRT and a GPU are there, else openvino")
     parser.add_argument("--device", default="cpu", help="device of the PyTorch rows: cpu or cuda index")
-    parser.add_argument("--workers", type=int, default=4, help="max dataloader workers")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for OpenVINO / ONNX Runtime")
+    parser.add_argument("--workers", type=nonneg_int, default=4, help="max dataloader workers")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for OpenVINO / ONNX Runtime")
     parser.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
                         help="OpenVINO: does the CPU have VNNI/AMX (no -> 7-bit weights); auto reads /proc/cpuinfo")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the ONNX Runtime reference row (slow on large sets)")
-    parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
-    parser.add_argument("--iou-thres", type=float, default=0.7, help="NMS IoU threshold")
+    parser.add_argument("--conf-thres", type=probability, default=0.001, help="confidence threshold")
+    parser.add_argument("--iou-thres", type=probability, default=0.7, help="NMS IoU threshold")
     parser.add_argument("--task", default="val", choices=("train", "val", "test"), help="split to evaluate")
-    parser.add_argument("--tolerance", type=float, default=0.002, help="allowed |deployed - reference| mAP50-95")
+    parser.add_argument("--tolerance", type=nonneg_float, default=0.002, help="allowed |deployed - reference| mAP50-95")
     parser.add_argument("--project", default=str(ROOT / "runs/val_trt"), help="save to project/name")
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")

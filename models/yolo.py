@@ -127,6 +127,34 @@ def _parse_activation(text):
     return ACTIVATIONS[name.strip()](*args)
 
 
+def _check_row(i, row, n_before):
+    """One `[from, number, module, args]` row of a model yaml: shapes and indices, before anything
+    is built from it (a yaml can come from a stranger's checkpoint: errors must be one line)."""
+    def bad(why):
+        raise UserError(f"model yaml: layer {i} {str(row)[:80]}: {why}")
+
+    if not isinstance(row, (list, tuple)) or len(row) != 4:
+        bad("a layer is [from, number, module, args] (4 fields)")
+    f, n, m, args = row
+    froms = f if isinstance(f, list) else [f]
+    if not froms or not all(isinstance(x, int) and not isinstance(x, bool) for x in froms):
+        bad("'from' must be a layer index or a list of them")
+    for x in froms:
+        if i == 0 and x != -1:
+            bad(f"'from' {x}: the first layer reads the input image, 'from' -1")
+        if i and not -n_before <= x < n_before:
+            bad(f"'from' {x} is not an earlier layer (layers 0..{n_before - 1}, or -k for k layers back)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        bad("'number' must be a whole number >= 1")
+    if not isinstance(m, str) or m not in MODULES:
+        raise UserError(f"model yaml: layer {i} names unknown module '{m}'; known: {', '.join(sorted(MODULES))}")
+    if not isinstance(args, list) or not all(isinstance(a, (int, float, str, list, type(None))) for a in args):
+        bad("'args' must be a list of numbers, names or lists")
+    for a in args:
+        if isinstance(a, str) and a not in ("nc", "None", "nearest", "bilinear", "bicubic", "nearest-exact"):
+            bad(f"argument {a!r} is not a literal (only numbers, lists, 'nc', 'None' and upsample modes are allowed)")
+
+
 def _resolve_arg(a, nc):
     """yaml args are literals; the strings 'nc' and 'None' are the only names upstream uses."""
     if a == "nc":
@@ -138,7 +166,12 @@ def _resolve_arg(a, nc):
 
 def parse_model(d, ch):
     """Build nn.Sequential of layers from a model dict (upstream format). Returns (model, savelist)."""
-    nc, gd, gw = d["nc"], d.get("depth_multiple", 1.0), d.get("width_multiple", 1.0)
+    nc, gd, gw = d.get("nc"), d.get("depth_multiple", 1.0), d.get("width_multiple", 1.0)
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise UserError(f"model yaml: nc must be the number of classes (a whole number >= 1), got {nc!r}")
+    for key, v in (("depth_multiple", gd), ("width_multiple", gw)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 16:
+            raise UserError(f"model yaml: {key} must be a number in (0, 16], got {v!r}")
     act = d.get("activation")
     if act:  # class-level default, as upstream; affects modules built after this call
         Conv.default_act = RepConvN.default_act = _parse_activation(act)
@@ -148,30 +181,35 @@ def parse_model(d, ch):
         rows = d["backbone"] + d["head"]
     except (KeyError, TypeError) as e:
         raise UserError(f"model yaml: needs 'backbone' and 'head' lists ({e})") from None
-    for i, (f, n, m, args) in enumerate(rows):
-        name = m
-        if name not in MODULES:
-            raise UserError(f"model yaml: layer {i} names unknown module '{name}'; known: {', '.join(sorted(MODULES))}")
+    if not isinstance(rows, list) or not rows:
+        raise UserError("model yaml: 'backbone' and 'head' must be non-empty lists of [from, number, module, args]")
+    for i, row in enumerate(rows):
+        _check_row(i, row, n_before=len(layers))
+        f, n, name, args = row
         m = MODULES[name]
-        args = [_resolve_arg(a, nc) for a in args]
-        n = n_ = max(round(n * gd), 1) if n > 1 else n
-        if m in CHANNEL_MODULES:
-            c1, c2 = ch[f], make_divisible(args[0] * gw, 8)
-            args = [c1, c2, *args[1:]]
-        elif m is nn.BatchNorm2d:
-            args = [ch[f]]
-        elif m is Concat:
-            c2 = sum(ch[x] for x in f)
-        elif m is CBLinear:
-            c1, c2 = ch[f], args[0]
-            args = [c1, c2, *args[1:]]
-        elif m is CBFuse:
-            c2 = ch[f[-1]]
-        elif m in HEADS:
-            args.append([ch[x] for x in f])
-        else:
-            c2 = ch[f]
-        m_ = nn.Sequential(*(m(*args) for _ in range(n))) if n > 1 else m(*args)
+        try:  # a malformed row (a stranger's yaml) is one line, not a traceback from inside a module
+            args = [_resolve_arg(a, nc) for a in args]
+            n = n_ = max(round(n * gd), 1) if n > 1 else n
+            if m in CHANNEL_MODULES:
+                c1, c2 = ch[f], make_divisible(args[0] * gw, 8)
+                args = [c1, c2, *args[1:]]
+            elif m is nn.BatchNorm2d:
+                args = [ch[f]]
+            elif m is Concat:
+                c2 = sum(ch[x] for x in f)
+            elif m is CBLinear:
+                c1, c2 = ch[f], args[0]
+                args = [c1, c2, *args[1:]]
+            elif m is CBFuse:
+                c2 = ch[f[-1]]
+            elif m in HEADS:
+                args.append([ch[x] for x in f])
+            else:
+                c2 = ch[f]
+            m_ = nn.Sequential(*(m(*args) for _ in range(n))) if n > 1 else m(*args)
+        except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError, AttributeError) as e:
+            raise UserError(f"model yaml: layer {i} {row}: {name} cannot be built from these arguments "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         t = f"{m.__module__}.{m.__name__}"
         np_ = sum(x.numel() for x in m_.parameters())
         m_.i, m_.f, m_.type, m_.np = i, f, t, np_
@@ -261,7 +299,11 @@ class DetectionModel(BaseModel):
         m = self.model[-1]
         if isinstance(m, HEADS):
             m.inplace = self.inplace
-            m.stride = self._head_strides(ch)
+            try:
+                m.stride = self._head_strides(ch)
+            except RuntimeError as e:  # layers whose shapes do not fit together (a malformed yaml)
+                detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise UserError(f"model yaml: the layers do not fit together ({detail})") from None
             self.stride = m.stride
             m.bias_init()
         initialize_weights(self)

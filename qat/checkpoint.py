@@ -25,8 +25,49 @@ QAT_VERSION = 1
 
 
 def is_qat_checkpoint(ckpt):
-    """True for a dict written by save_qat (export uses this to pick the Q/DQ path)."""
-    return isinstance(ckpt, dict) and isinstance(ckpt.get("qat"), dict) and "quantizer_state" in ckpt["qat"]
+    """True for a dict that claims to be written by save_qat (export uses this to pick the Q/DQ
+    path). Any 'qat' entry counts, so a damaged one is refused by validate_qat_entry instead of
+    the file silently passing as a plain FP32 checkpoint."""
+    return isinstance(ckpt, dict) and ckpt.get("qat") is not None
+
+
+def validate_qat_entry(ckpt, path):
+    """Check what load_qat reads from a QAT checkpoint (it can come from anywhere): the model and
+    the 'qat' entry's version, settings, quantizer amax values and groups. A damaged one is a
+    UserError naming the entry, never a traceback from deep inside or a model without Q/DQ."""
+    def damaged(what):
+        raise UserError(f"'{path}': {what}; the QAT checkpoint is damaged: use another one (e.g. the run's "
+                        f"qat_last.pt) or make it again with train_qat.py")
+
+    if not isinstance(ckpt.get("model"), torch.nn.Module):
+        damaged(f"'model' is {type(ckpt.get('model')).__name__}, not a model")
+    entry = ckpt.get("qat")
+    if not isinstance(entry, dict):
+        damaged(f"'qat' is {type(entry).__name__}, not a dict")
+    version = entry.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= QAT_VERSION:
+        damaged(f"'qat' version {version!r} is not one this code reads (1..{QAT_VERSION})")
+    settings = entry.get("settings")
+    if not isinstance(settings, dict) or not settings:
+        damaged(f"'qat.settings' is {settings!r:.40}, not a dict of quantization settings")
+    try:
+        QuantSettings.from_dict(settings)
+    except UserError as e:
+        damaged(f"'qat.settings': {e}")
+    except (TypeError, ValueError) as e:
+        damaged(f"'qat.settings' has a value of the wrong type ({e})")
+    state = entry.get("quantizer_state")
+    if not isinstance(state, dict) or not state:
+        damaged("'qat.quantizer_state' is not a non-empty dict of quantizer name -> amax")
+    for name, amax in state.items():
+        if not isinstance(name, str) or not isinstance(amax, torch.Tensor) or not amax.is_floating_point():
+            damaged(f"'qat.quantizer_state' entry {name!r:.60} is not a name -> float amax tensor")
+        if not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()):
+            damaged(f"the amax of quantizer {name} is not finite and >= 0 ({amax.flatten()[:3].tolist()}...)")
+    groups = entry.get("groups", [])
+    if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, (list, tuple)) and all(isinstance(n, str) for n in g) for g in groups):
+        damaged("'qat.groups' is not a list of lists of quantizer names")
 
 
 def _plain(x):
@@ -69,6 +110,7 @@ def load_qat(path, device="cpu", trusted=False):
     if not is_qat_checkpoint(ckpt):
         raise UserError(f"'{path}' is a plain checkpoint, not a QAT one (no 'qat' entry): "
                         f"make one with train_qat.py --weights {Path(path).name}")
+    validate_qat_entry(ckpt, path)
     model = ckpt["model"].float().to(device)
     settings = QuantSettings.from_dict(ckpt["qat"]["settings"])
     quantize_model(model, settings)

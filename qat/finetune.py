@@ -61,9 +61,19 @@ class FinetuneOptions:
             raise UserError("--epochs and --iters-per-epoch must be >= 0")
         if self.supervision_stride < 1:
             raise UserError(f"--supervision-stride {self.supervision_stride} must be >= 1")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr} must be > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr {self.lr} must be a finite number > 0")
+        for flag, value in (("--lrf", self.lrf), ("--det-weight", self.det_weight),
+                            ("--weight-decay", self.weight_decay), ("--momentum", self.momentum)):
+            if not (math.isfinite(value) and value >= 0):  # NaN/inf here trains a NaN model
+                raise UserError(f"{flag} {value} must be a finite number >= 0")
         return self
+
+
+def weights_finite(model):
+    """True when every parameter is finite (one reduction per tensor, one host sync)."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _rank():
@@ -201,9 +211,15 @@ class Trainer:
             det = det / imgs.shape[0]
             items["det"] = float(det.detach())
             loss = loss + (self.opts.det_weight if self.teacher is not None else 1.0) * det
+        if not torch.isfinite(loss):
+            parts = ", ".join(f"{k} {v:.4g}" for k, v in items.items())
+            raise UserError(f"QAT diverged: the loss is {float(loss.detach())} ({parts})"
+                            f" at lr {lr:.3g}: lower --lr{' or --det-weight' if self.compute_loss else ''}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if not weights_finite(self.model):
+            raise UserError(f"QAT diverged: the weights are not finite after a step at lr {lr:.3g}: lower --lr")
         items["loss"] = float(loss.detach())
         return items
 
@@ -249,7 +265,11 @@ def finetune(model, fp32_model, train_loader, val_fn, opts):
                        disable=not (main and opts.show), bar_format="{l_bar}{bar:10}{r_bar}")
             for it in bar:
                 lr = cosine_lr(opts, epoch * iters + it, total)
-                items = trainer.step(next(batches), lr)
+                try:
+                    items = trainer.step(next(batches), lr)
+                except UserError as e:  # diverged: stop here, nothing written from this point on
+                    raise UserError(f"epoch {epoch + 1}, iteration {it + 1}: {e}; qat_best.pt and qat_last.pt "
+                                    f"keep the last good model") from None
                 n += 1
                 for k, v in items.items():
                     sums[k] = sums.get(k, 0.0) + v

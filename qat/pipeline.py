@@ -10,6 +10,7 @@ it; Ctrl-C writes it), report.md/json: FP32 vs PTQ vs QAT with deltas. `--epochs
 calibration and saves the post-training-quantized model as qat_best.pt.
 """
 import argparse
+import inspect
 import itertools
 import json
 import math
@@ -18,9 +19,12 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch.distributed as dist
+import yaml
 
 from qat.compat import UserError, attempt_load, init_seeds, load_checkpoint
-from qat.settings import CALIB_METHODS, QuantSettings
+from qat.finetune import LOSSES, OPTIMIZERS
+from qat.settings import CALIB_METHODS, WEIGHT_BITS, QuantSettings
+from utils.cli import float_range, imgsz_int, nonneg_float, nonneg_int, positive_float, positive_int
 from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path, yaml_load, yaml_save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,43 +44,52 @@ def add_common_args(p):
     p.add_argument("--weights", type=str, default=DEFAULT_WEIGHTS, help="FP32 checkpoint to quantize")
     p.add_argument("--data", type=str, default=DEFAULT_DATA, help="dataset.yaml path")
     p.add_argument("--hyp", type=str, default=DEFAULT_HYP, help="loss gains (--loss det/both) and augmentation")
-    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+    p.add_argument("--imgsz", "--img", "--img-size", type=imgsz_int, default=None,
                    help="image size (default: the checkpoint's training size, else 640)")
-    p.add_argument("--batch-size", type=int, default=16, help="total batch size for all ranks")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="total batch size for all ranks")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
-    p.add_argument("--workers", type=int, default=8, help="max dataloader workers (per rank)")
+    p.add_argument("--workers", type=nonneg_int, default=8, help="max dataloader workers (per rank)")
     p.add_argument("--project", default=str(ROOT / "runs/qat"), help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    p.add_argument("--seed", type=int, default=0, help="global seed")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="global seed")
     p.add_argument("--trusted", action="store_true", help="full pickle loading of --weights (files you trust)")
-    p.add_argument("--val-batches", type=int, default=0, help="evaluate on the first N val batches only (0: all)")
+    p.add_argument("--val-batches", type=nonneg_int, default=0,
+                   help="evaluate on the first N val batches only (0: all)")
     # quantization
-    p.add_argument("--weight-bits", type=int, default=8, help="8, or 7 for CPUs without VNNI (DESIGN.md section 5)")
-    p.add_argument("--calib-method", default="max", help=f"activation calibration: {' | '.join(CALIB_METHODS)}")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile for --calib-method percentile")
-    p.add_argument("--calib-batches", type=int, default=32, help="calibration batches (train images, all ranks)")
+    p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=8,
+                   help="8, or 7 for CPUs without VNNI (DESIGN.md section 5)")
+    p.add_argument("--calib-method", default="max", choices=CALIB_METHODS,
+                   help=f"activation calibration: {' | '.join(CALIB_METHODS)}")
+    p.add_argument("--percentile", type=float_range(0.0, 100.0, lo_open=True), default=99.99,
+                   help="percentile for --calib-method percentile")
+    p.add_argument("--calib-batches", type=positive_int, default=32,
+                   help="calibration batches (train images, all ranks)")
     p.add_argument("--no-last-layer", action="store_true", help="keep the detection head (model.model[-1]) float")
     p.add_argument("--skip-layers", nargs="+", default=[], metavar="REGEX",
                    help="keep modules whose quantizer names match in float, e.g. '^model\\.22\\.'")
-    p.add_argument("--auto-skip", type=float, default=None, metavar="BUDGET",
+    p.add_argument("--auto-skip", type=nonneg_float, default=None, metavar="BUDGET",
                    help="keep the fewest layers float so that mAP50-95 >= FP32 - BUDGET (per-layer sensitivity)")
     return p
 
 
 def add_finetune_args(p):
-    p.add_argument("--epochs", type=int, default=10, help="QAT epochs (0: post-training quantization only)")
-    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch (0: one pass of the data)")
-    p.add_argument("--lr", type=float, default=1e-5, help="initial learning rate (cosine to lr * lrf)")
-    p.add_argument("--lrf", type=float, default=0.01, help="final learning rate fraction")
-    p.add_argument("--optimizer", default="Adam", help="Adam | AdamW | SGD")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / Adam beta1")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
-    p.add_argument("--loss", default="distill", help="distill (vs FP32, no labels) | det (labels) | both")
-    p.add_argument("--det-weight", type=float, default=1e-3,
+    p.add_argument("--epochs", type=nonneg_int, default=10, help="QAT epochs (0: post-training quantization only)")
+    p.add_argument("--iters-per-epoch", type=nonneg_int, default=200,
+                   help="iterations per epoch (0: one pass of the data)")
+    p.add_argument("--lr", type=positive_float, default=1e-5, help="initial learning rate (cosine to lr * lrf)")
+    p.add_argument("--lrf", type=nonneg_float, default=0.01, help="final learning rate fraction")
+    p.add_argument("--optimizer", default="Adam", choices=OPTIMIZERS, help="Adam | AdamW | SGD")
+    p.add_argument("--momentum", type=float_range(0.0, 1.0, hi_open=True), default=0.9,
+                   help="SGD momentum / Adam beta1")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="weight decay")
+    p.add_argument("--loss", default="distill", choices=LOSSES,
+                   help="distill (vs FP32, no labels) | det (labels) | both")
+    p.add_argument("--det-weight", type=nonneg_float, default=1e-3,
                    help="--loss both: distill + det_weight * det (det per image is ~1000x the distill MSE)")
-    p.add_argument("--supervision-stride", type=int, default=1, help="distill every N-th layer's output (+ head)")
-    p.add_argument("--save-period", type=int, default=100, help="also write qat_last.pt every N iterations")
+    p.add_argument("--supervision-stride", type=positive_int, default=1,
+                   help="distill every N-th layer's output (+ head)")
+    p.add_argument("--save-period", type=nonneg_int, default=100, help="also write qat_last.pt every N iterations")
     p.add_argument("--augment", action="store_true", help="train-time augmentation from --hyp (default: none)")
     p.add_argument("--resume", nargs="?", const=True, default=False, help="continue a run from its qat_last.pt")
     p.add_argument("--no-eval-origin", action="store_true", help="skip evaluating the FP32 model")
@@ -191,18 +204,30 @@ def check_nc(model, data, weights, data_name="the data"):
                         f"pass the --data the weights were trained on")
 
 
-def load_hyp(hyp):
-    if isinstance(hyp, dict):
-        return dict(hyp)
-    path = Path(hyp)
-    if not path.is_file() and (ROOT / hyp).is_file():
-        path = ROOT / hyp
-    if not path.is_file():
-        raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml such as {DEFAULT_HYP}")
-    d = yaml_load(path)
-    if not isinstance(d, dict):
-        raise UserError(f"--hyp {hyp} must hold a mapping of hyperparameters")
-    return d
+def load_hyp(hyp, required=()):
+    """--hyp (a yaml path or a dict) -> dict. Keys in `required` must be there; every value must be
+    a finite number (the loss gains and augmentation settings all are)."""
+    where = "--hyp" if isinstance(hyp, dict) else f"--hyp {hyp}"
+    if not isinstance(hyp, dict):
+        path = Path(hyp)
+        if not path.is_file() and (ROOT / hyp).is_file():
+            path = ROOT / hyp
+        if not path.is_file():
+            raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml such as {DEFAULT_HYP}")
+        try:  # (not utils.general.yaml_load_mapping: in an upstream clone utils.general is upstream's)
+            hyp = yaml_load(path)
+        except yaml.YAMLError as e:
+            raise UserError(f"--hyp {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(hyp, dict):
+            raise UserError(f"--hyp {path} must hold a mapping of hyperparameters")
+    hyp = dict(hyp)
+    missing = [k for k in required if k not in hyp]
+    if missing:
+        raise UserError(f"{where} misses {', '.join(missing)}: start from {DEFAULT_HYP}")
+    for k, v in hyp.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"{where}: {k}={v!r} is not a finite number")
+    return hyp
 
 
 class FirstBatches:
@@ -224,22 +249,40 @@ class FirstBatches:
 def make_loaders(data, imgsz, stride, opt, hyp, rank=-1):
     """-> (train loader (this rank's shard), calibration loader (the same one unless --augment:
     calibration sees plain images), val loader or None (rank 0)). Arguments after `stride` by
-    keyword only, and only those upstream's create_dataloader has too."""
+    keyword only, and only those upstream's create_dataloader has too (plus `nc` where it exists)."""
     from utils.dataloaders import create_dataloader
     bs = opt.batch_size // max(WORLD_SIZE, 1)
     augment = bool(getattr(opt, "augment", False))
+    nc = int(data["nc"])
+    # our scan skips and counts labels of a class >= nc; an upstream clone's does not know nc
+    scan_checks_nc = "nc" in inspect.signature(create_dataloader).parameters
+
+    def loader(split, batch_size, **kw):
+        loader, dataset = create_dataloader(data[split], imgsz, batch_size, stride, hyp=hyp,
+                                            **kw, **({"nc": nc} if scan_checks_nc else {}))
+        if not scan_checks_nc:
+            check_label_classes(dataset, nc, split)
+        return loader
 
     def train_split(aug, prefix):
-        return create_dataloader(data["train"], imgsz, bs, stride, hyp=hyp, augment=aug, rect=False, rank=rank,
-                                 workers=opt.workers, shuffle=True, prefix=colorstr(prefix))[0]
+        return loader("train", bs, augment=aug, rect=False, rank=rank, workers=opt.workers, shuffle=True,
+                      prefix=colorstr(prefix))
 
     train = train_split(augment, "train: ")
     calib = train_split(False, "calibration: ") if augment else train
     val = None
     if rank in (-1, 0):
-        val = create_dataloader(data["val"], imgsz, bs * 2, stride, hyp=hyp, augment=False, rect=True, rank=-1,
-                                workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "))[0]
+        val = loader("val", bs * 2, augment=False, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
+                     prefix=colorstr("val: "))
     return train, calib, val
+
+
+def check_label_classes(dataset, nc, split):
+    """Upstream clones: refuse a split with a label of class >= nc (their scan does not check it)."""
+    for file, labels in zip(dataset.label_files, dataset.labels):
+        if len(labels) and labels[:, 0].max() >= nc:
+            raise UserError(f"{file}: class {labels[:, 0].max():g} but the data has nc={nc} ({split} split): "
+                            f"fix the label or the data yaml's names")
 
 
 def make_val_fn(data, val_loader, imgsz, batch_size, n_batches=0):
@@ -267,7 +310,7 @@ def quantize_and_calibrate(fp32, settings, loader, n_batches, device, save_dir=N
     summary = calibrate(qmodel, FirstBatches(loader, per_rank), settings, device, show=_main_rank())
     if save_dir is not None and _main_rank():
         f = write_summary(summary, save_dir)
-        LOGGER.info(f"{colorstr('calibrate: ')}{per_rank} batches x {max(WORLD_SIZE, 1)} rank(s), "
+        LOGGER.info(f"{colorstr('calibrate: ')}{min(per_rank, len(loader))} batches x {max(WORLD_SIZE, 1)} rank(s), "
                     f"{settings.calib_method}; amax table {f}")
     return qmodel
 
@@ -341,7 +384,14 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
         if not last.is_file():
             raise UserError(f"--resume {opt.resume}: file not found; pass a run's weights/qat_last.pt")
         resume = last
-        saved = load_checkpoint(last, trusted=opt.trusted).get("opt")
+        from qat.checkpoint import is_qat_checkpoint, validate_qat_entry
+        ckpt = load_checkpoint(last, trusted=opt.trusted)
+        if not is_qat_checkpoint(ckpt):
+            raise UserError(f"--resume {last}: not a QAT checkpoint (no 'qat' entry): pass a train_qat.py run's "
+                            f"weights/qat_last.pt (a train.py run continues with train.py --resume)")
+        validate_qat_entry(ckpt, last)
+        saved = ckpt.get("opt")
+        del ckpt
         if not isinstance(saved, dict):
             raise UserError(f"--resume {last}: the checkpoint holds no 'opt' to continue with")
         keep = {k: getattr(opt, k) for k in ("device", "workers", "trusted")}
@@ -360,10 +410,6 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
         save_dir = Path(_broadcast(fresh))  # one run folder for all ranks, chosen by rank 0
     opt.save_dir = str(save_dir)
     wdir = save_dir / "weights"
-    if main:
-        wdir.mkdir(parents=True, exist_ok=True)
-        if write_opt:
-            yaml_save(save_dir / "opt.yaml", _plain_opt(opt))
 
     data = data_dict or load_data(opt.data)
     if model is None:
@@ -376,9 +422,13 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     stride = max(int(max(fp32.stride)), 32)
     imgsz = check_img_size(int(opt.imgsz or ckpt_opt.get("imgsz") or 640), stride)
     opt.imgsz = imgsz
-    hyp = load_hyp(opt.hyp)
+    hyp = load_hyp(opt.hyp, required=("box", "cls", "dfl") if getattr(opt, "loss", "distill") != "distill" else ())
     fp32.hyp = hyp
     train_loader, calib_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp, rank=LOCAL_RANK)
+    if main:  # only now: a run that fails on its inputs leaves no run folder behind
+        wdir.mkdir(parents=True, exist_ok=True)
+        if write_opt:
+            yaml_save(save_dir / "opt.yaml", _plain_opt(opt))
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches) if main else None
 
     def evaluate(m, label):
@@ -465,7 +515,6 @@ def run_sensitivity(opt):
     device = select_device(opt.device, batch_size=opt.batch_size)
     init_seeds(opt.seed)
     check_demo_weights(str(opt.weights))
-    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     data = load_data(opt.data)
     fp32, ckpt_opt = load_fp32(opt.weights, device, opt.trusted)
     check_nc(fp32, data, opt.weights, opt.data)
@@ -473,6 +522,7 @@ def run_sensitivity(opt):
     imgsz = check_img_size(int(opt.imgsz or ckpt_opt.get("imgsz") or 640), stride)
     hyp = load_hyp(opt.hyp)
     _, calib_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp)
+    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches)
     fp32_map = val_fn(fp32)["map"]
     qmodel = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir)

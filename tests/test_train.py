@@ -223,3 +223,40 @@ def test_schedules_and_early_stopping():
     a = {"x.weight": torch.zeros(2, 3), "y.bias": torch.zeros(4), "z": torch.zeros(1)}
     b = {"x.weight": torch.ones(2, 3), "y.bias": torch.ones(5)}
     assert list(intersect_dicts(a, b)) == ["x.weight"]
+
+
+def test_bad_hyp_and_freeze_are_one_line_and_leave_no_run_folder(tmp_path, data):
+    """Issue 16.9: --hyp invalid YAML / a missing key / non-numeric or non-finite values, and
+    --freeze beyond the model's layers: one-line errors before the run folder is made."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("lr0: [0.01\nbox: 7.5\n")
+    cases = [(dict(hyp=str(bad_yaml)), "not valid YAML"),
+             (dict(hyp={k: v for k, v in _hyp().items() if k != "box"}), "miss box"),
+             (dict(hyp=_hyp(box="big")), "box='big' is not a finite number"),
+             (dict(hyp=_hyp(lr0=float("inf"))), "lr0=inf is not a finite number"),
+             (dict(hyp=_hyp(lrf=float("nan"))), "lrf=nan is not a finite number"),
+             (dict(hyp=_hyp(lr0=0.0)), "lr0=0.0 must be > 0"),
+             (dict(freeze=[999]), "--freeze 999: the model has layers 0-"),
+             (dict(freeze=[3, 999]), "--freeze 3 999")]
+    for kw, message in cases:
+        project = tmp_path / "runs"
+        with pytest.raises(UserError, match=message.replace("[", r"\[")) as e:
+            train.run(**_common(project, data, epochs=1, **kw))
+        assert "\n" not in str(e.value)
+        assert not project.exists() or not any(project.iterdir()), (kw, list(project.rglob("*")))
+
+
+def test_nan_loss_stops_before_any_checkpoint(tmp_path, data, monkeypatch):
+    """Issue 16.4: a non-finite loss stops training with one line; no checkpoint is written from it."""
+    import utils.loss_tal
+    real = utils.loss_tal.ComputeLoss.__call__
+
+    def nan_loss(self, *a, **k):
+        loss, items = real(self, *a, **k)
+        return loss * float("nan"), items
+
+    monkeypatch.setattr(utils.loss_tal.ComputeLoss, "__call__", nan_loss)
+    with pytest.raises(UserError, match="training diverged: the loss is nan at epoch 0") as e:
+        train.run(**_common(tmp_path, data, epochs=2, hyp=_hyp(**STILL)))
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.rglob("*.pt"))

@@ -116,15 +116,50 @@ def test_bad_input_one_line(tiny, tmp_path):
              (dict(calib_method="minmax"), "--calib-method 'minmax' is unknown"),
              (dict(imgsz=70), "--imgsz 70 is not a multiple of the model stride 32"),
              (dict(loss="kl"), "--loss kl is unknown")]
+    # issue 16.9: --hyp invalid YAML, a missing loss gain, a non-numeric value
+    (tmp_path / "broken.yaml").write_text("box: [7.5\n")
+    (tmp_path / "nobox.yaml").write_text("cls: 0.5\ndfl: 1.5\n")
+    (tmp_path / "words.yaml").write_text("box: big\ncls: 0.5\ndfl: 1.5\n")
+    cases += [(dict(hyp=str(tmp_path / "broken.yaml")), "is not valid YAML"),
+              (dict(hyp=str(tmp_path / "nobox.yaml"), loss="det"), "misses box"),
+              (dict(hyp=str(tmp_path / "words.yaml")), "box='big' is not a finite number")]
     for kw, msg in cases:
         with pytest.raises(UserError, match=msg) as e:
             _run(tiny, "bad", **kw)
         assert "\n" not in str(e.value)
+    assert not (tiny["root"] / "runs" / "bad").exists()  # a run that fails on its inputs leaves no folder
     p = subprocess.run([sys.executable, str(ROOT / "train_qat.py"), "--calib-method", "minmax"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
-    assert p.returncode == 2 and lines == ["error: --calib-method 'minmax' is unknown: use one of max, percentile, "
-                                           "mse, entropy"], p.stderr[-2000:]
+    assert p.returncode == 2 and lines == ["error: argument --calib-method: invalid choice: 'minmax' (choose from "
+                                           "'max', 'percentile', 'mse', 'entropy') (see train_qat.py --help)"], \
+        p.stderr[-2000:]
+
+
+def test_resume_refuses_a_non_qat_or_damaged_checkpoint_before_writing(tiny, tmp_path):
+    """Issue 16.5: --resume with a train.py checkpoint (or a damaged QAT one) is one line, and the
+    opt.yaml beside it (that run's own) is left exactly as it was."""
+    import torch
+
+    from qat_models import save_fp32_checkpoint
+    run = tmp_path / "train-run"
+    last = save_fp32_checkpoint(run / "weights" / "last.pt")
+    (run / "opt.yaml").write_text("epochs: 300\n")
+    with pytest.raises(UserError, match="not a QAT checkpoint") as e:
+        train_qat.run_api(resume=str(last), device="cpu", workers=0)
+    assert "\n" not in str(e.value) and (run / "opt.yaml").read_text() == "epochs: 300\n"
+    assert sorted(p.name for p in run.rglob("*")) == ["last.pt", "opt.yaml", "weights"]
+
+    out = _run(tiny, "to-damage", epochs=0, no_eval_origin=True, no_eval_ptq=True)
+    ckpt = load_checkpoint(out["last"])
+    ckpt["qat"]["settings"] = "max"
+    damaged = tmp_path / "qat-run" / "weights" / "qat_last.pt"
+    damaged.parent.mkdir(parents=True)
+    torch.save(ckpt, damaged)
+    (damaged.parents[1] / "opt.yaml").write_text("epochs: 3\n")
+    with pytest.raises(UserError, match="'qat.settings' is 'max'"):
+        train_qat.run_api(resume=str(damaged), device="cpu", workers=0)
+    assert (damaged.parents[1] / "opt.yaml").read_text() == "epochs: 3\n"
 
 
 def test_train_py_qat(tiny):
@@ -136,3 +171,24 @@ def test_train_py_qat(tiny):
     assert is_qat_checkpoint(load_checkpoint(run_dir / "weights" / "qat_best.pt"))
     assert [r["model"] for r in json.loads((run_dir / "report.json").read_text())] == ["FP32", "PTQ", "QAT"]
     assert len(opt.results) == 7
+
+
+def test_calibration_log_counts_the_batches_that_exist(tiny):
+    """Issue 16 (minor): --calib-batches 32 on a split of 4 batches logs 4, not 32."""
+    import logging
+
+    from utils.general import LOGGER
+    lines = []
+
+    class _H(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    h = _H()
+    LOGGER.addHandler(h)
+    try:
+        _run(tiny, "calib-log", epochs=0, calib_batches=32, no_eval_origin=True, no_eval_ptq=True)
+    finally:
+        LOGGER.removeHandler(h)
+    calib = [x for x in lines if "batches x 1 rank" in x]
+    assert len(calib) == 1 and "4 batches x 1 rank" in calib[0], calib  # 8 train images, batch 2

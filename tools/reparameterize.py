@@ -10,7 +10,6 @@ Which dual layer feeds which GELAN layer is found by walking both graphs back fr
 layers of the same class, attributes, parameter shapes and inputs; no table per model, so any pair of
 configs built this way (a user's own too) converts.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ if str(ROOT) not in sys.path:
 from models.common import Silence  # noqa: E402
 from models.experimental import load_checkpoint, model_from_checkpoint  # noqa: E402
 from models.yolo import DDetect, DetectionModel, DualDDetect  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.general import LOGGER, UserError, file_size, print_args, run_cli  # noqa: E402
 from utils.torch_utils import save_atomic  # noqa: E402
 
@@ -168,6 +168,9 @@ def run(weights, cfg=None, out=None, trusted=False):
     out = Path(out) if out else Path(weights).with_name(f"{Path(weights).stem}-converted.pt")
     if out.resolve() == Path(weights).resolve():
         raise UserError(f"--out {out} would overwrite --weights; choose another file name")
+    if out.is_dir():
+        example = out / f"{Path(weights).stem}-converted.pt"
+        raise UserError(f"--out {out} is a folder: pass a file name, e.g. {example}")
     ckpt = load_checkpoint(weights, trusted=trusted)
     dual = model_from_checkpoint(ckpt, fuse=False)
     single = reparameterize_model(dual, cfg or default_cfg(dual))
@@ -178,7 +181,7 @@ def run(weights, cfg=None, out=None, trusted=False):
 
 
 def parse_opt(argv=None):
-    parser = argparse.ArgumentParser(description="Convert a dual-head YOLOv9 training checkpoint into its single-head "
+    parser = ArgumentParser(description="Convert a dual-head YOLOv9 training checkpoint into its single-head "
                                                  "(GELAN) converted model, as upstream's *-converted.pt files")
     parser.add_argument("--weights", type=str, required=True, help="dual-head checkpoint, e.g. yolov9-c.pt")
     parser.add_argument("--cfg", type=str, default=None,

@@ -13,10 +13,19 @@ Scanning checks every image and label line once and stores the result in a cache
 `<labels dir>.cache` (or `<list>.cache` for a .txt source). The cache is a NumPy .npz archive of
 plain arrays, read with `allow_pickle=False`; it is rebuilt when the hash of the file list, sizes and
 mtimes changes. Unreadable images and malformed label lines are skipped and counted in one warning.
+Images that decode to pixel types the pipeline cannot take (32-bit integer or float TIFFs, say) count
+as corrupt; an unreadable or truncated cache is rebuilt.
+
+Class ids are checked against the dataset's `nc` (pass `nc=` to create_dataloader, as train.py,
+val.py and train_qat.py do): a label whose class is >= nc (`7` with 6 classes, `1e10`) is skipped and
+counted like any other bad line, with a warning that names the first file holding one, so that
+neither a training nor an evaluation ever sees a class the model does not predict.
 """
 import hashlib
 import os
 import random
+import zipfile
+import zlib
 from contextlib import contextmanager
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -103,9 +112,12 @@ def _image_size(im_file):
     with Image.open(im_file) as im:
         w, h = im.size
         fmt = (im.format or "").lower()
+        mode = im.mode
         orientation = im.getexif().get(0x0112, 1)
     if fmt not in IMG_FORMATS:
         raise ValueError(f"unsupported image format {fmt!r}")
+    if mode == "F" or (mode == "I" and fmt == "tiff"):  # float32 / int32 samples: cv2.imread returns None
+        raise ValueError(f"unsupported pixel type {'float' if mode == 'F' else '32-bit integer'} (use 8 or 16 bits)")
     if orientation in (5, 6, 7, 8):  # rotated 90 degrees; cv2.imread applies the rotation too
         w, h = h, w
     if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
@@ -193,6 +205,10 @@ def verify_image_label(args):
 def save_cache(path, cache):
     """Write the cache atomically; a read-only dataset folder only costs a warning."""
     path = Path(path)
+    if not path.parent.is_dir():
+        LOGGER.warning(f"WARNING: no label folder {path.with_suffix('')}: every image is a background image "
+                       f"(no labels); labels not cached")
+        return
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -211,7 +227,7 @@ def load_cache(path, expected_hash):
     try:
         with np.load(path, allow_pickle=False) as z:
             cache = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):  # truncated, garbage
         return None
     try:
         if int(cache["version"]) != CACHE_VERSION or str(cache["hash"]) != expected_hash:
@@ -255,6 +271,18 @@ def _build_cache(im_files, label_files, prefix, show_progress):
     }
 
 
+def _drop_classes_from(labels, im_files, nc):
+    """Remove (in place) label rows whose class is >= nc -> (rows removed, first image holding one)."""
+    n_out, first = 0, None
+    for i, lb in enumerate(labels):
+        keep = lb[:, 0] < nc
+        if not keep.all():
+            n_out += int((~keep).sum())
+            first = first or im_files[i]
+            labels[i] = lb[keep]
+    return n_out, first
+
+
 # --- dataset -----------------------------------------------------------------------------------------
 
 class LoadImagesAndLabels(Dataset):
@@ -271,7 +299,7 @@ class LoadImagesAndLabels(Dataset):
     """
 
     def __init__(self, path, img_size=640, batch_size=16, augment=False, hyp=None, rect=False, stride=32,
-                 pad=0.0, single_cls=False, prefix="", rank=-1):
+                 pad=0.0, single_cls=False, prefix="", rank=-1, nc=None):
         self.img_size = img_size
         self.augment = augment
         self.hyp = dict(hyp or {})
@@ -299,6 +327,15 @@ class LoadImagesAndLabels(Dataset):
             if rank in (-1, 0):
                 save_cache(cache_path, cache)
         n_ok, n_missing, n_empty, n_corrupt, n_bad = (int(v) for v in cache["stats"])
+        self.im_files = [str(f) for f in cache["im_files"]]
+        splits = np.cumsum(cache["counts"])[:-1]
+        self.labels = [lb.copy() for lb in np.split(cache["labels"].astype(np.float32), splits)]
+        if nc is not None and not single_cls:  # single_cls: every class becomes class 0 below
+            n_out, first = _drop_classes_from(self.labels, self.im_files, int(nc))
+            n_bad += n_out
+            if n_out and rank in (-1, 0):
+                LOGGER.warning(f"WARNING: {prefix}skipped {n_out} label{'s' * (n_out != 1)} of a class >= nc={nc} "
+                               f"(the data yaml's names; first in {img2label_paths([first])[0]})")
         if rank in (-1, 0):
             if n_corrupt or n_bad:
                 LOGGER.warning(f"WARNING: {prefix}skipped {n_corrupt} corrupt image{'s' * (n_corrupt != 1)}, "
@@ -308,11 +345,8 @@ class LoadImagesAndLabels(Dataset):
         if n_ok == 0:
             raise UserError(f"{prefix}no usable images in {path}: {len(all_files)} found, {n_corrupt} corrupt")
 
-        self.im_files = [str(f) for f in cache["im_files"]]
         self.label_files = img2label_paths(self.im_files)
         self.shapes = cache["shapes"].astype(np.float64)  # (w, h)
-        splits = np.cumsum(cache["counts"])[:-1]
-        self.labels = [lb.copy() for lb in np.split(cache["labels"].astype(np.float32), splits)]
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
@@ -458,15 +492,17 @@ def seed_worker(worker_id):
 
 
 def create_dataloader(path, imgsz, batch_size, stride, hyp=None, augment=False, pad=0.0, rect=False, rank=-1,
-                      workers=8, shuffle=False, prefix="", seed=0, single_cls=False):
+                      workers=8, shuffle=False, prefix="", seed=0, single_cls=False, nc=None):
     """-> (DataLoader, LoadImagesAndLabels). DDP (rank != -1) uses a DistributedSampler; call
-    `loader.sampler.set_epoch(epoch)` each epoch as usual."""
+    `loader.sampler.set_epoch(epoch)` each epoch as usual. `nc`: labels of class >= nc are
+    skipped and counted as bad lines."""
     if rect and shuffle:
         LOGGER.warning(f"WARNING: {prefix}rect=True is incompatible with shuffle, setting shuffle=False")
         shuffle = False
     with _rank_zero_first(rank):
         dataset = LoadImagesAndLabels(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect,
-                                      stride=int(stride), pad=pad, single_cls=single_cls, prefix=prefix, rank=rank)
+                                      stride=int(stride), pad=pad, single_cls=single_cls, prefix=prefix, rank=rank,
+                                      nc=nc)
     batch_size = min(batch_size, len(dataset))
     n_dev = torch.cuda.device_count()
     nw = min((os.cpu_count() or 1) // max(n_dev, 1), batch_size if batch_size > 1 else 0, workers)

@@ -11,6 +11,8 @@ import torch
 import torchvision
 import yaml
 
+from utils.cli import MAX_IMGSZ
+
 LOGGING_NAME = "yolov9-qat"
 
 
@@ -103,6 +105,8 @@ def check_img_size(imgsz, s=32, floor=0):
     for x in sizes:
         if int(x) != x or x <= 0:
             raise UserError(f"--imgsz {x} is not a positive whole number of pixels")
+        if x > MAX_IMGSZ:
+            raise UserError(f"--imgsz {x} is larger than {MAX_IMGSZ} px: use a smaller size (640 is usual)")
         if x % s:
             raise UserError(f"--imgsz {x} is not a multiple of the model stride {s}: "
                             f"use {max(make_divisible(x, s), make_divisible(floor, s))}")
@@ -135,6 +139,18 @@ def yaml_load(path):
         return yaml.safe_load(f)
 
 
+def yaml_load_mapping(path, hint, flag=""):
+    """A yaml file that must hold a mapping -> dict. Invalid YAML or another kind of content is a
+    UserError: `<flag><path> is not valid YAML: ...` / `... does not hold a mapping: <hint>`."""
+    try:
+        loaded = yaml_load(path)
+    except yaml.YAMLError as e:
+        raise UserError(f"{flag}{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{flag}{path} does not hold a mapping: {hint}")
+    return loaded
+
+
 def yaml_save(path, data):
     """Save a dict as YAML (Path values written as strings, key order kept)."""
     with open(path, "w") as f:
@@ -143,14 +159,17 @@ def yaml_save(path, data):
 
 def _names_list(names, where):
     if isinstance(names, dict):
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in names):  # mixed keys cannot be sorted
+            raise UserError(f"{where}: 'names' keys must be the class indices 0..{len(names) - 1}, "
+                            f"got {list(names)[:5]}")
         keys = sorted(names)
-        if not all(isinstance(k, int) for k in keys) or keys != list(range(len(keys))):
+        if keys != list(range(len(keys))):
             raise UserError(f"{where}: 'names' keys must be the class indices 0..{len(keys) - 1}, "
                             f"got {list(names)[:5]}")
         return [str(names[k]) for k in keys]
-    if isinstance(names, (list, tuple)):
+    if isinstance(names, (list, tuple)) and names:
         return [str(n) for n in names]
-    raise UserError(f"{where}: 'names' must be a list of class names or a dict {{0: name, ...}}")
+    raise UserError(f"{where}: 'names' must be a non-empty list of class names or a dict {{0: name, ...}}")
 
 
 def _split_exists(root, split):
@@ -179,13 +198,7 @@ def check_dataset(data, required=("train", "val")):
         if not file.is_file():
             raise UserError(f"data yaml {file} not found: pass --data with the path of a dataset yaml "
                             f"(keys path, train, val, names)")
-        try:
-            loaded = yaml_load(file)
-        except yaml.YAMLError as e:
-            raise UserError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"{file} does not hold a mapping: a data yaml needs keys path, train, val, names")
-        data = loaded
+        data = yaml_load_mapping(file, "a data yaml needs keys path, train, val, names")
         yaml_dir = file.resolve().parent
     elif isinstance(data, dict):
         data = dict(data)
@@ -197,6 +210,9 @@ def check_dataset(data, required=("train", "val")):
             raise UserError(f"{where}: key '{k}' is missing: add '{k}:' to the data yaml "
                             f"({'class names, e.g. names: [person, car]' if k == 'names' else 'images folder or .txt list, relative to path'})")
     data["names"] = _names_list(data["names"], where)
+    nc = data.get("nc")
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int)):
+        raise UserError(f"{where}: nc must be the number of classes, a whole number, got {nc!r}")
     if "nc" in data and data["nc"] is not None and int(data["nc"]) != len(data["names"]):
         raise UserError(f"{where}: nc is {data['nc']} but names lists {len(data['names'])} classes: make them agree")
     data["nc"] = len(data["names"])

@@ -1,4 +1,5 @@
 """PyTorch helpers shared by training, QAT and validation: devices, seeds, EMA, optimizers, DDP."""
+import errno
 import math
 import os
 import random
@@ -133,6 +134,17 @@ def smart_optimizer(model, name="SGD", lr=0.01, momentum=0.9, decay=1e-5):
     return optimizer
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+def _is_write_failure(e):
+    """A full / read-only / failing disk, not a bug in the code writing: torch's zip writer reports
+    those as a RuntimeError from its inline_container."""
+    if isinstance(e, OSError):
+        return e.errno in WRITE_ERRNOS
+    return "inline_container" in str(e) or "file write failed" in str(e)
+
+
 @contextmanager
 def atomic_output(path):
     """Yield a temporary path in `path`'s folder; when the block ends without an exception, fsync it
@@ -144,9 +156,17 @@ def atomic_output(path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            if not _is_write_failure(e):
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+            kept = f"the old {path.name} is unchanged" if path.exists() else "nothing was written"
+            raise UserError(f"cannot write {path}: {reason} (disk full or not writable?): free space or choose "
+                            f"another --project/--out; {kept}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600

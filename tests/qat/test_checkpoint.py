@@ -1,4 +1,6 @@
 """qat.checkpoint: the round trip restores exactly the same fake-quant outputs, through the safe loader."""
+import re
+
 import pytest
 import torch
 
@@ -91,3 +93,48 @@ def test_quantizer_disabled_by_calibration_comes_back_disabled(tmp_path):
     with pytest.raises(UserError, match=f"no calibrated range \\(first: {name}\\)") as e:
         export_qat_onnx(old, tmp_path / "bad.onnx", imgsz=64)
     assert "\n" not in str(e.value) and not (tmp_path / "bad.onnx").exists()
+
+
+def _damaged_cases():
+    nan, neg = torch.tensor([float("nan")]), torch.tensor([-1.0])
+    return [
+        (lambda c: c.__setitem__("model", None), "no 'model' or 'ema' entry holding a model"),  # the loader's check
+        (lambda c: c.__setitem__("qat", "qat"), "'qat' is str, not a dict"),
+        (lambda c: c["qat"].__setitem__("settings", "max"), "'qat.settings' is 'max', not a dict"),
+        (lambda c: c["qat"].__setitem__("settings", {}), "'qat.settings' is {}, not a dict"),
+        (lambda c: c["qat"]["settings"].__setitem__("weight_bits", "eight"), "'qat.settings'"),
+        (lambda c: c["qat"]["settings"].__setitem__("calib_method", "best"), "'qat.settings': --calib-method"),
+        (lambda c: c["qat"].__setitem__("quantizer_state", {}), "'qat.quantizer_state' is not a non-empty dict"),
+        (lambda c: c["qat"].__setitem__("quantizer_state", [1, 2]), "'qat.quantizer_state' is not a non-empty dict"),
+        (lambda c: c["qat"]["quantizer_state"].__setitem__(next(iter(c["qat"]["quantizer_state"])), nan),
+         "is not finite and >= 0"),
+        (lambda c: c["qat"]["quantizer_state"].__setitem__(next(iter(c["qat"]["quantizer_state"])), neg),
+         "is not finite and >= 0"),
+        (lambda c: c["qat"]["quantizer_state"].__setitem__(next(iter(c["qat"]["quantizer_state"])), "1.0"),
+         "is not a name -> float amax tensor"),
+        (lambda c: c["qat"].__setitem__("groups", "all"), "'qat.groups' is not a list of lists"),
+        (lambda c: c["qat"].__setitem__("groups", [[1, 2]]), "'qat.groups' is not a list of lists"),
+        (lambda c: c["qat"].__setitem__("version", "1"), "'qat' version '1'"),
+    ]
+
+
+def test_damaged_qat_entry_is_one_line(tmp_path):
+    """Issue 16.6: every damaged part of a QAT checkpoint is refused by load_qat (and so by export,
+    val_trt and --resume) with one line naming it; a 'qat' entry of the wrong type is never taken for
+    a plain FP32 checkpoint (that exported an ONNX without any Q/DQ)."""
+    from export_qat import load_for_export
+
+    q = quantize_model(fp32_model("gelan-t"), QuantSettings())
+    calibrate(q, [images(2, seed=3)], show=False)
+    good = save_qat(tmp_path / "good.pt", q, QuantSettings())
+    for i, (damage, message) in enumerate(_damaged_cases()):
+        ckpt = load_checkpoint(good)
+        damage(ckpt)
+        f = tmp_path / f"bad{i}.pt"
+        torch.save(ckpt, f)
+        with pytest.raises(UserError, match=re.escape(message)) as e:
+            load_qat(f)
+        assert "\n" not in str(e.value)
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_for_export(f, torch.device("cpu"), False, False)
+    load_qat(good)  # the undamaged file still loads

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qat.calibrate import calibrate
-from qat.checkpoint import load_qat
+from qat.checkpoint import load_qat, save_qat
 from qat.compat import UserError
 from qat.finetune import (FinetuneOptions, LayerOutputs, Trainer, cosine_lr, distill_loss, finetune,
                           supervised_layers)
@@ -132,3 +132,44 @@ def test_an_epoch_must_beat_the_start_fitness(tmp_path):
     finetune(q, fp32, loader, val_fn, opts)
     _, _, best = load_qat(tmp_path / "qat_best.pt")
     assert best["epoch"] == 2 and best["best_fitness"] == pytest.approx(0.5)
+
+
+def test_non_finite_options_are_refused():
+    """Issue 16.4: inf/NaN learning rates and loss weights train a NaN model: refused up front."""
+    nan, inf = float("nan"), float("inf")
+    for kw, msg in [({"lr": inf}, "--lr"), ({"lr": nan}, "--lr"), ({"lrf": nan}, "--lrf"),
+                    ({"det_weight": nan}, "--det-weight"), ({"det_weight": -1.0}, "--det-weight"),
+                    ({"weight_decay": inf}, "--weight-decay"), ({"momentum": nan}, "--momentum")]:
+        with pytest.raises(UserError, match=msg):
+            FinetuneOptions(**kw).validate()
+
+
+@pytest.mark.parametrize("cause", ["huge lr", "nan loss"])
+def test_diverging_training_stops_and_never_saves_nan(tmp_path, monkeypatch, cause):
+    """Issue 16.4: a learning rate so large that the activations overflow (or any NaN loss) stops the
+    run with one line, and neither qat_best.pt nor qat_last.pt is replaced by a non-finite model."""
+    q, fp32 = _pair()
+    loader = [_batch(seed=s) for s in range(3)]
+    save_qat(tmp_path / "qat_best.pt", q, QuantSettings())  # the pipeline's PTQ starting point
+    before = (tmp_path / "qat_best.pt").read_bytes()
+    opts = FinetuneOptions(epochs=2, iters_per_epoch=3, lr=1e30 if cause == "huge lr" else 1e-4,
+                           loss="distill" if cause == "huge lr" else "det", save_dir=tmp_path, save_period=1,
+                           settings=QuantSettings(), show=False)
+    if cause == "nan loss":  # e.g. a label the loss cannot take: the second step's loss is NaN
+        import utils.loss_tal
+        calls = {"n": 0}
+        real = utils.loss_tal.ComputeLoss.__call__
+
+        def second_is_nan(self, *a, **k):
+            calls["n"] += 1
+            loss, items = real(self, *a, **k)
+            return (loss * float("nan") if calls["n"] == 2 else loss), items
+
+        monkeypatch.setattr(utils.loss_tal.ComputeLoss, "__call__", second_is_nan)
+    with pytest.raises(UserError, match=r"epoch 1, iteration \d: QAT diverged") as e:
+        finetune(q, fp32, loader, lambda m: {"mp": 0, "mr": 0, "map50": 0, "map": 0}, opts)
+    assert "\n" not in str(e.value) and "--lr" in str(e.value)
+    assert (tmp_path / "qat_best.pt").read_bytes() == before
+    for f in tmp_path.glob("qat_*.pt"):  # whatever was written holds finite weights
+        model, _, _ = load_qat(f)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), f

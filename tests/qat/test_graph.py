@@ -141,3 +141,18 @@ def test_uint8_rewrite_leaves_a_per_tensor_weight_alone():
     assert inits[by_name["w_q"].input[2]].dtype == np.int8 and inits[by_name["w_dq"].input[2]].dtype == np.int8
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     assert np.array_equal(kit.run_ort(m, x), kit.run_ort(u8, x))
+
+
+def test_written_onnx_has_the_usual_mode(tmp_path):
+    """Issue 16 (minor): the post-processed ONNX is readable by others like any file the user writes
+    (the atomic temp file starts as mkstemp's 0600)."""
+    import os
+    import stat
+
+    raw = kit.onnx_path("qat_raw", tmp_path)
+    umask = os.umask(0o022)
+    try:
+        postprocess(raw, tmp_path / "pp.onnx")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "pp.onnx").stat().st_mode) == 0o644

@@ -111,3 +111,14 @@ def test_bad_input(tmp_path, capsys):
     del anon.yaml_file
     save_atomic({"model": anon}, tmp_path / "anon.pt")
     assert "pass --cfg" in _run_cli(["--weights", str(tmp_path / "anon.pt")], capsys)
+
+
+def test_out_folder_is_one_line(tmp_path, capsys):
+    """Issue 16.9: --out naming a folder is refused up front, with the file name to use instead."""
+    weights = tmp_path / "yolov9-t.pt"
+    save_atomic({"model": _dual("yolov9-t")}, weights)
+    out = tmp_path / "converted"
+    out.mkdir()
+    line = _run_cli(["--weights", str(weights), "--out", str(out)], capsys)
+    assert "is a folder" in line and str(out / "yolov9-t-converted.pt") in line
+    assert list(out.iterdir()) == []

@@ -148,3 +148,63 @@ def test_label_cache_is_reused_and_renewed(tiny, tmp_path, monkeypatch):
     renewed = LoadImagesAndLabels(str(images), img_size=64)
     i = next(k for k, f in enumerate(renewed.im_files) if f.endswith("000002.jpg"))
     np.testing.assert_allclose(renewed.labels[i], [[0, 0.5, 0.5, 0.25, 0.25]])
+
+
+def test_classes_beyond_nc_are_skipped_counted_and_named(tiny, tmp_path, log_lines):
+    """Issue 16.3: a label of class >= nc (also written 1e10) never reaches training or evaluation."""
+    images = _copy_split(tiny, tmp_path)
+    first = tmp_path / "labels" / "train" / "000003.txt"
+    n_good = len([x for x in first.read_text().splitlines() if x.strip()])
+    first.write_text(first.read_text() + "6 0.5 0.5 0.1 0.1\n1e10 0.4 0.4 0.1 0.1\n")
+    nc = 6  # the demo data's classes are 0..5
+    ds = LoadImagesAndLabels(str(images), img_size=64, nc=nc)
+    i = next(k for k, f in enumerate(ds.im_files) if f.endswith("000003.jpg"))
+    assert len(ds.labels[i]) == n_good and all(lb[:, 0].max() < nc for lb in ds.labels if len(lb))
+    warn = [m for m in log_lines if "class >= nc=6" in m]
+    assert len(warn) == 1 and "skipped 2 labels" in warn[0] and str(first) in warn[0]
+    total = [m for m in log_lines if m.startswith("WARNING: skipped") and "bad label line" in m]
+    assert total and "2 bad label lines" in total[-1]  # counted with the other bad lines
+    # the cache is independent of nc: the same split read with more classes keeps them
+    wide = LoadImagesAndLabels(str(images), img_size=64, nc=int(1e11))
+    assert len(wide.labels[i]) == n_good + 2
+    # and create_dataloader passes nc through
+    _, ds2 = create_dataloader(str(images), 64, 2, 32, workers=0, nc=nc)
+    assert sum(len(x) for x in ds2.labels) == sum(len(x) for x in ds.labels)
+
+
+def test_float_tiff_is_skipped_and_counted(tiny, tmp_path, log_lines):
+    """Issue 16.7: an image that decodes to float32 pixels counts as corrupt instead of ending the run."""
+    from PIL import Image
+
+    images = _copy_split(tiny, tmp_path)
+    Image.fromarray(np.random.default_rng(0).random((48, 48), dtype=np.float32)).save(images / "float.tif")
+    ds = LoadImagesAndLabels(str(images), img_size=64, batch_size=4)
+    assert ds.n == 8 and not any(f.endswith("float.tif") for f in ds.im_files)
+    warn = [m for m in log_lines if m.startswith("WARNING: skipped")]
+    assert len(warn) == 1 and "1 corrupt image" in warn[0] and "float" in warn[0]
+    for i in range(ds.n):  # every image that passed the scan loads
+        ds[i]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_unreadable_label_cache_is_rebuilt(tiny, tmp_path, damage):
+    """Issue 16.7: a truncated or garbage labels/*.cache is scanned again, not a BadZipFile traceback."""
+    images = _copy_split(tiny, tmp_path)
+    ds = LoadImagesAndLabels(str(images), img_size=64)
+    data = ds.cache_path.read_bytes()
+    ds.cache_path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"PK\x03\x04" + b"x" * 200,
+                               "empty": b""}[damage])
+    again = LoadImagesAndLabels(str(images), img_size=64)
+    assert [len(x) for x in again.labels] == [len(x) for x in ds.labels]
+    # and written again: the next run reads it
+    assert dataloaders.load_cache(again.cache_path, dataloaders.get_hash(again.label_files + again.im_files))
+
+
+def test_missing_label_folder_says_so(tiny, tmp_path, log_lines):
+    """A split without its labels folder: every image is a background, and the warning says that
+    (not that a cache folder is unwritable)."""
+    shutil.copytree(tiny / "images" / "train", tmp_path / "images" / "train")
+    ds = LoadImagesAndLabels(str(tmp_path / "images" / "train"), img_size=64)
+    assert ds.n == 8 and all(len(x) == 0 for x in ds.labels)
+    warn = [m for m in log_lines if m.startswith("WARNING")]
+    assert any("no label folder" in m for m in warn) and not any("not writeable" in m for m in warn), warn

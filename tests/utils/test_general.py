@@ -149,6 +149,9 @@ def test_check_img_size():
         check_img_size([640, 650])
     with pytest.raises(UserError, match="minimum"):
         check_img_size(32, floor=64)
+    for bad in (100000, 0, -32):  # issue 16.9: never a model run at 100000 px, never a silent default
+        with pytest.raises(UserError, match=f"--imgsz {bad}"):
+            check_img_size(bad)
 
 
 def test_increment_path_and_file_size(tmp_path):
@@ -228,6 +231,13 @@ def test_check_dataset_relative_path_falls_back_to_yaml_dir(tmp_path, monkeypatc
     ("train: images/train\nval: images/nope\nnames: [a]\n", r"val split not found at .*images/nope"),
     ("train: images/train\nval: images/val\nnames: {1: a}\n", r"'names' keys must be the class indices"),
     ("- just\n- a list\n", r"does not hold a mapping"),
+    # issue 16.9: the schema of nc and names
+    ("train: images/train\nval: images/val\nnames: [a]\nnc: six\n", r"nc must be the number of classes"),
+    ("train: images/train\nval: images/val\nnames: [a]\nnc: [1]\n", r"nc must be the number of classes"),
+    ("train: images/train\nval: images/val\nnames: {0: a, x: b}\n", r"'names' keys must be the class indices"),
+    ("train: images/train\nval: images/val\nnames: {0: a, true: b}\n", r"'names' keys must be the class indices"),
+    ("train: images/train\nval: images/val\nnames: []\n", r"non-empty list of class names"),
+    ("train: images/train\nval: images/val\nnames: 5\n", r"non-empty list of class names"),
 ])
 def test_check_dataset_errors(tmp_path, monkeypatch, body, message):
     root, f = _dataset(tmp_path, body)
