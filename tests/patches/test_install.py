@@ -22,7 +22,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_ITEMS = ["qat", "train_qat.py", "export_qat.py", "val_trt.py"]
-UPSTREAM_DEPS = ("pandas", "seaborn", "IPython", "psutil", "git", "thop", "tensorboard", "absl")
+INSTALL_DATA = ["data/hyps/hyp.qat.yaml", "data/demo.yaml", "weights/demo-gelan.pt"]  # the tools' defaults
+# what upstream train.py imports beyond our requirements (gitpython and thop are imported lazily or optionally)
+UPSTREAM_DEPS = ("pandas", "seaborn", "IPython", "psutil", "tensorboard")
 
 
 def run_installer(source, target, *args):
@@ -98,13 +100,15 @@ def installed(fake_source, upstream):
 
 def test_install_copies_tools_and_hooks_train(installed):
     src, dst = installed.source, installed.target
-    shipped = [p.relative_to(src) for item in INSTALL_ITEMS for p in [src / item, *(src / item).rglob("*")]
-               if p.is_file()]
-    assert len(shipped) == 8
+    shipped = [p.relative_to(src) for item in INSTALL_ITEMS + INSTALL_DATA
+               for p in [src / item, *(src / item).rglob("*")] if p.is_file()]
+    assert len(shipped) == 12
     for rel in shipped:
         assert (dst / rel).read_bytes() == (src / rel).read_bytes(), rel
     # a helper module of ours that upstream's utils/ lacks comes along; upstream's own stay untouched
-    assert (dst / "utils" / "qat_fake_helper.py").is_file()
+    assert (dst / "utils" / "qat_fake_helper.py").is_file() and (dst / "utils" / "safe_unpickle.py").is_file()
+    # our packages, pinned as in requirements.txt, for the clone's environment
+    assert (dst / "requirements-qat.txt").read_bytes().endswith((src / "requirements.txt").read_bytes())
     changed = {k for k, v in snapshot(dst).items() if k in installed.before and installed.before[k] != v}
     assert changed == {"train.py"}
 
