@@ -3,14 +3,18 @@
 A fresh environment for a clone of WongKinYiu/yolov9 gets today's packages, and two of them break
 upstream itself, not our tools: NumPy 2.4 removed `np.trapz` (upstream's utils/metrics.py calls it in
 every evaluation, after a long calibration or fine-tune), and setuptools 81 removed `pkg_resources`
-(upstream's utils/general.py imports it). Each problem is one line that says what to do.
+(upstream's utils/general.py imports it). On a machine without internet, upstream's check_dataset
+dies downloading the Arial.ttf font it draws plots with. Each problem is one line that says what to do.
 
 Standard library only: patches/install.py runs this file as a script with the clone's Python
 (`python qat/upstream_env.py <clone>` prints one problem per line), and qat.compat.run_cli calls
 `find_problems` inside a clone before any command starts.
 """
 import importlib.util
+import os
+import platform
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -49,7 +53,29 @@ def find_problems(clone_root):
             mod = __import__(module)
             if not hasattr(mod, attr):
                 out.append(f"{rel} calls {module}.{attr}, which {module} {_version(module)} no longer has: {fix}")
-    return out
+    font = _font_problem(root)
+    return out + ([font] if font else [])
+
+
+def _font_problem(root):
+    """Upstream's check_font downloads the font (no try/except) when it is not in its config folder."""
+    try:
+        text = (root / "utils" / "general.py").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"^def check_font\(.*?(?=^\S)", text, re.M | re.S)
+    if not m or "download_url_to_file" not in m.group(0) or re.search(r"^\s+try:", m.group(0), re.M):
+        return None
+    sub = {"Windows": "AppData/Roaming", "Darwin": "Library/Application Support"}.get(platform.system(), ".config")
+    folder = Path(os.getenv("YOLOV5_CONFIG_DIR") or Path.home() / sub / "Ultralytics")  # upstream's user_config_dir
+    if (folder / "Arial.ttf").is_file():
+        return None
+    try:
+        socket.getaddrinfo("ultralytics.com", 443)
+        return None
+    except OSError:
+        return (f"upstream's check_dataset downloads Arial.ttf from ultralytics.com, which this machine cannot reach: "
+                f"copy any .ttf font to {folder / 'Arial.ttf'} (e.g. matplotlib's mpl-data/fonts/ttf/DejaVuSans.ttf)")
 
 
 def missing_packages(requirements):
