@@ -1,58 +1,34 @@
 """Safe checkpoint loading shared by every command.
 
-Checkpoints are pickles. `torch.load(weights_only=True)` only rebuilds the globals on an allow-list:
-here, our model classes and the few torch / numpy / builtin types upstream YOLOv9 checkpoints contain.
-A file that needs anything else is refused before any of its code can run, with the offending
-global named. `trusted=True` (CLI: --trusted) opts out for files the user vouches for.
+Checkpoints are pickles. utils/safe_unpickle.py reads them with `torch.load(weights_only=True)`, with
+every model class replaced by an inert placeholder: the file can name our model classes, torch layers
+and the few numpy / builtin types upstream YOLOv9 checkpoints contain, but it cannot construct or call
+any of them; the modules are then assembled from their pickled attributes (never from the file's
+constructor arguments or its model yaml). A file that needs anything else is refused before any of
+its code can run, with the offending global named. `trusted=True` (CLI: --trusted) opts out for files
+the user vouches for.
 """
 import _compat_pickle
-import argparse
-import collections
 import io
-import pathlib
 import pickletools
 import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from models import common, yolo
+from utils import safe_unpickle
 from utils.general import LOGGER, UserError
 
-_TORCH_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Hardswish, nn.ReLU6, nn.Identity,
-                  nn.Sequential, nn.ModuleList, nn.Upsample, nn.MaxPool2d, nn.AvgPool2d)
-_OUR_MODULES = tuple(v for v in vars(common).values() if isinstance(v, type) and issubclass(v, nn.Module)) + (
-    yolo.DetectionModel, yolo.DDetect, yolo.DualDDetect)
-
-
-def _numpy_globals():
-    """numpy objects found in upstream checkpoints (best_fitness arrays, numpy scalars in `opt`),
-    registered under both numpy 1 (`numpy.core`) and numpy 2 (`numpy._core`) import paths."""
-    mod = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    out = [np.ndarray, np.dtype]
-    for name in ("_reconstruct", "scalar"):
-        fn = getattr(mod, name)
-        out += [(fn, f"numpy.core.multiarray.{name}"), (fn, f"numpy._core.multiarray.{name}")]
-    for dtype_cls in (np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Float16DType, np.dtypes.Int64DType,
-                      np.dtypes.Int32DType, np.dtypes.BoolDType, np.dtypes.UInt8DType):
-        out.append(dtype_cls)
-    return out
-
-
-def safe_globals():
-    """The allow-list for weights_only loading."""
-    extra = [collections.OrderedDict, set, argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath,
-             ]
-    return list(_OUR_MODULES) + list(_TORCH_MODULES) + _numpy_globals() + extra
+# Every model class the loader knows, unpickled as inert placeholders (utils/safe_unpickle.py).
+MODEL_CLASSES = safe_unpickle.module_classes(common, yolo)
 
 
 def _allowed_names():
     """Dotted names of every global the safe loader accepts: ours plus torch's own weights_only defaults."""
-    names = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in safe_globals()}
-    names |= {f"{g.__module__}.{g.__name__}" for g in _OUR_MODULES + _TORCH_MODULES}
+    names = safe_unpickle.allowed_names(MODEL_CLASSES)
     try:  # private, but only used to word the error message; the unpickler itself is the guard
         from torch._weights_only_unpickler import _get_allowed_globals
 
@@ -147,9 +123,12 @@ def load_checkpoint(weights, trusted=False, map_location="cpu"):
         if trusted:
             ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
         else:
-            with torch.serialization.safe_globals(safe_globals()), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # raw pickles: refused below
-                ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
+                ckpt = safe_unpickle.load(path, MODEL_CLASSES, map_location=map_location)
+    except safe_unpickle.RefusedCheckpoint as e:
+        raise UserError(f"weights '{weights}' was refused by the safe loader: {_first_sentence(e)} (nothing was "
+                        f"executed); if you trust this file, pass --trusted") from None
     except Exception as e:  # whatever the unpickler trips on, the file cannot be loaded as it is
         if not trusted:
             allowed = _allowed_names()
@@ -172,6 +151,11 @@ def load_checkpoint(weights, trusted=False, map_location="cpu"):
         ckpt = {"model": ckpt}
     if not isinstance(ckpt, dict) or not isinstance(_pick_model(ckpt), nn.Module):
         raise UserError(f"weights '{weights}' is not a YOLOv9 checkpoint (no 'model' or 'ema' entry holding a model)")
+    try:  # save_qat stored upstream fuse()'s per-instance forward bindings as names
+        for key in ("model", "ema"):
+            safe_unpickle.restore_fused_forward(ckpt.get(key))
+    except safe_unpickle.RefusedCheckpoint as e:
+        raise UserError(f"weights '{weights}': {e}") from None
     return ckpt
 
 

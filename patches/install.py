@@ -5,12 +5,14 @@
     python patches/install.py /path/to/yolov9 --dry-run    # show what would change, change nothing
     python patches/install.py /path/to/yolov9 --uninstall  # restore the original files, remove ours
 
-Copies INSTALL_ITEMS (as they are in this checkout now) into the clone, plus any of our own helper
-modules they import that the clone lacks, and hooks `--qat` into the clone's train.py with two small
+Copies INSTALL_ITEMS and INSTALL_DATA (as they are in this checkout now) into the clone, plus any of
+our own helper modules they import that the clone lacks, and requirements-qat.txt (our extra packages), and hooks `--qat` into the clone's train.py with two small
 insertions located by anchor text (HOOKS), never by line number. Every import of the installed
 files from the clone's `models`/`utils`/... is checked against the clone's own sources first: a
 name the clone does not define would crash at run time, so it stops the install instead.
-A record (MANIFEST) and a backup of train.py (BACKUP_SUFFIX) make `--uninstall` exact.
+A record (MANIFEST) and a backup of train.py (BACKUP_SUFFIX) make `--uninstall` exact; the record is
+written before anything else, so an install cut short is completed by a rerun or undone by --uninstall.
+Last, the clone's Python (--python) is checked for known breakages of upstream's own code (qat/upstream_env.py).
 
 Standard library only, so any Python 3.8+ can run it, with or without this project's environment.
 """
@@ -22,12 +24,18 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # this yolov9-qat checkout
-INSTALL_ITEMS = ["qat", "train_qat.py", "export_qat.py", "val_trt.py"]  # copied whole, as they are now
+INSTALL_ITEMS = ["qat", "train_qat.py", "export_qat.py", "val_trt.py"]  # copied whole (qat/ with subpackages)
+# What the installed tools read by default (qat/pipeline.py DEFAULT_HYP / DEFAULT_DATA / DEFAULT_WEIGHTS).
+INSTALL_DATA = ["data/hyps/hyp.qat.yaml", "data/demo.yaml", "weights/demo-gelan.pt"]
+# Our extra packages, pinned as in our requirements.txt, written into the clone for its environment.
+REQUIREMENTS, CLONE_REQUIREMENTS = "requirements.txt", "requirements-qat.txt"
+ENV_CHECK = "qat/upstream_env.py"  # run with the clone's Python: known breakages of upstream itself
 MANIFEST = ".yolov9-qat-install.json"
 BACKUP_SUFFIX = ".orig-yolov9qat"
 MARK = "# yolov9-qat"
@@ -333,13 +341,16 @@ def check_imports(target, files, installed_tops, ours_there=()):
 
 
 def source_files():
-    """{relative path: bytes} of everything INSTALL_ITEMS holds in this checkout now."""
-    missing = [i for i in INSTALL_ITEMS if not (SOURCE_ROOT / i).exists()]
+    """{relative path: bytes} of everything INSTALL_ITEMS and INSTALL_DATA hold in this checkout now,
+    plus CLONE_REQUIREMENTS."""
+    missing = [i for i in INSTALL_ITEMS + INSTALL_DATA + [REQUIREMENTS] if not (SOURCE_ROOT / i).exists()]
     if missing:
         raise InstallError(f"this yolov9-qat checkout ({SOURCE_ROOT}) has no {', '.join(missing)}; "
                            f"run the installer from a complete checkout")
-    out = {}
-    for item in INSTALL_ITEMS:
+    out = {CLONE_REQUIREMENTS: b"# yolov9-qat's packages (its requirements.txt), for this clone's environment:\n"
+                               b"#   pip install -r " + CLONE_REQUIREMENTS.encode() + b"\n"
+                               + (SOURCE_ROOT / REQUIREMENTS).read_bytes()}
+    for item in INSTALL_ITEMS + INSTALL_DATA:
         p = SOURCE_ROOT / item
         paths = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
         for f in paths:
@@ -402,7 +413,7 @@ def plan_install(target, force=False):
     check_target(target)
     old = load_manifest(target)
     if not old:  # a clone with its own qat/ (or train_qat.py ...) is not ours to merge into
-        for item in INSTALL_ITEMS:
+        for item in INSTALL_ITEMS + INSTALL_DATA + [CLONE_REQUIREMENTS]:
             if (target / item).exists():
                 raise InstallError(f"{target / item} already exists and was not installed by this tool; move it "
                                    f"away and rerun")
@@ -415,6 +426,8 @@ def plan_install(target, force=False):
 
     writes, deletes = {}, []
     old_files = old["files"] if old else {}
+    # An update cut short leaves some files at their earlier installed version: still ours, not edits.
+    earlier = old.get("previous", {}) if old else {}
     for f, data in files.items():
         dst = target / f
         if not dst.exists():
@@ -425,7 +438,7 @@ def plan_install(target, force=False):
             continue
         if f not in old_files:
             raise InstallError(f"{dst} already exists and was not installed by this tool; move it away and rerun")
-        if sha256(current) != old_files[f] and not force:
+        if sha256(current) not in (old_files[f], earlier.get(f)) and not force:
             raise InstallError(f"{dst} was edited since it was installed; rerun with --force to overwrite it")
         writes[f] = data
     for f in old_files:
@@ -441,7 +454,9 @@ def plan_install(target, force=False):
         raw = path.read_bytes()
         text = raw.decode("utf-8")
         rec = old["patched"].get(fname) if old else None
-        if rec:
+        if rec and sha256(raw) == rec["original_sha256"] and backup.is_file() and backup.read_bytes() == raw:
+            base, original_sha = text, rec["original_sha256"]  # an install cut short before the patch step
+        elif rec:
             base = remove_blocks(text, rec["blocks"])
             if base is None:
                 raise InstallError(f"{fname} was edited since install and its --qat hook is no longer intact; "
@@ -474,6 +489,9 @@ def plan_install(target, force=False):
     m_bytes = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8")
     if not old or (target / MANIFEST).read_bytes() != m_bytes:
         writes[MANIFEST] = m_bytes
+    # What is on disk now for files this run replaces: if it is cut short, a rerun knows them as ours.
+    manifest["previous"] = {f: sha256((target / f).read_bytes()) for f in writes
+                            if f in files and (target / f).is_file()}
     return writes, deletes, manifest
 
 
@@ -483,10 +501,34 @@ def show_diff(target, fname, new):
                                                f"a/{fname}", f"b/{fname}", n=1))
 
 
-def install(target, dry_run=False, force=False):
+def check_environment(target, python):
+    """Run ENV_CHECK with the clone's Python: one line per known upstream breakage or missing package."""
+    cmd = [python, str(SOURCE_ROOT / ENV_CHECK), str(target), str(target / CLONE_REQUIREMENTS)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [f"could not run {python} to check the clone's environment ({e}); pass --python"]
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"could not check the environment with {python} ({last}); pass the clone's Python with --python"]
+    return [line for line in r.stdout.splitlines() if line.strip()]
+
+
+def report_environment(target, python):
+    problems = check_environment(target, python)
+    if not problems:
+        print(f"environment ({python}): ready (our packages installed, no known upstream breakage)")
+        return
+    print(f"environment ({python}): fix before running the tools:")
+    for p in problems:
+        print(f"  - {p}")
+
+
+def install(target, dry_run=False, force=False, python=sys.executable):
     writes, deletes, manifest = plan_install(target, force)
     if not writes and not deletes:
         print(f"yolov9-qat is already installed in {target}; nothing changed")
+        report_environment(target, python)
         return
     would = "would " if dry_run else ""
     copies = sorted(f for f in writes if f in manifest["files"])
@@ -508,19 +550,24 @@ def install(target, dry_run=False, force=False):
     for fname in HOOKS:
         if fname + BACKUP_SUFFIX in writes:
             write_atomic(target / (fname + BACKUP_SUFFIX), writes[fname + BACKUP_SUFFIX], mode_from=target / fname)
-    if MANIFEST in writes:
-        write_atomic(target / MANIFEST, writes[MANIFEST])
+    if MANIFEST in writes:  # first the record (with what an update replaces), so a rerun can finish
+        pending = dict(manifest, previous={**(load_manifest(target) or {}).get("previous", {}), **manifest["previous"]})
+        write_atomic(target / MANIFEST, (json.dumps(pending, indent=1, sort_keys=True) + "\n").encode("utf-8"))
     for f in copies:
-        write_atomic(target / f, writes[f], mode_from=SOURCE_ROOT / f)
+        write_atomic(target / f, writes[f], mode_from=SOURCE_ROOT / f if (SOURCE_ROOT / f).is_file() else None)
     for f in deletes:
         (target / f).unlink()
     _prune_dirs(target, manifest["dirs"], caches=False)
     for fname in HOOKS:
         if fname in writes:
             write_atomic(target / fname, writes[fname], mode_from=target / fname)
+    if MANIFEST in writes:
+        write_atomic(target / MANIFEST, writes[MANIFEST])  # complete: the final record
     helpers = f" and helper(s) {', '.join(manifest['helpers'])}" if manifest["helpers"] else ""
-    print(f"installed yolov9-qat into {target}: {', '.join(INSTALL_ITEMS)}{helpers}; --qat hooked into "
-          f"{', '.join(HOOKS)}. Undo: python {Path(__file__).resolve()} {target} --uninstall")
+    print(f"installed yolov9-qat into {target}: {', '.join(INSTALL_ITEMS + INSTALL_DATA)}, {CLONE_REQUIREMENTS}"
+          f"{helpers}; --qat hooked into {', '.join(HOOKS)}. Undo: python {Path(__file__).resolve()} {target} "
+          f"--uninstall")
+    report_environment(target, python)
 
 
 def _prune_dirs(target, dirs, caches=True):
@@ -576,7 +623,8 @@ def uninstall(target, dry_run=False, force=False):
     for f, digest in m["files"].items():
         p = target / f
         if p.is_file():
-            (deletes if force or sha256(p.read_bytes()) == digest else keep).append(f)
+            ours = (digest, m.get("previous", {}).get(f))  # an update cut short: the earlier version is ours too
+            (deletes if force or sha256(p.read_bytes()) in ours else keep).append(f)
     would = "would " if dry_run else ""
     for fname in restores:
         print(f"{would}restore {fname}")
@@ -611,6 +659,8 @@ def parse_opt(argv=None):
     p.add_argument("--uninstall", action="store_true", help="restore the original files and remove the installed ones")
     p.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
     p.add_argument("--force", action="store_true", help="overwrite / remove installed files edited since install")
+    p.add_argument("--python", default=sys.executable,
+                   help="the Python that runs the clone (checked for our packages and known upstream breakages)")
     return p.parse_args(argv)
 
 
@@ -618,7 +668,10 @@ def main(argv=None):
     opt = parse_opt(argv)
     target = Path(opt.target).expanduser()
     try:
-        (uninstall if opt.uninstall else install)(target, dry_run=opt.dry_run, force=opt.force)
+        if opt.uninstall:
+            uninstall(target, dry_run=opt.dry_run, force=opt.force)
+        else:
+            install(target, dry_run=opt.dry_run, force=opt.force, python=opt.python)
     except InstallError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,9 @@
 
 Only our model classes, torch.nn layers, tensors and plain Python types are pickled, so
 `models.experimental.load_checkpoint` reads it with weights_only=True and no new allow-list entry.
+Upstream's fuse() (inside a clone) sets `m.forward = m.forward_fuse` per instance, a bound method that
+pickles as `getattr`: save_qat removes those bindings and lists the modules in the model's
+`fused_forward_modules` attribute; load_checkpoint binds them again (utils/safe_unpickle.py).
 `load_qat` rebuilds the quantizers with `quantize_model` (same settings, same structure -> same
 names and groups) and restores every amax, giving exactly the fake-quant outputs that were saved.
 """
@@ -20,6 +23,7 @@ from qat.compat import UserError, load_checkpoint, save_atomic
 from qat.quantize import (disable_quantizers, disabled_quantizers, float_copy, load_quantizer_state, quantize_model,
                           quantizer_state)
 from qat.settings import QuantSettings
+from utils.safe_unpickle import strip_fused_forward
 
 QAT_VERSION = 1
 
@@ -94,6 +98,7 @@ def save_qat(path, model, settings=None, extra=None):
         m._backward_hooks.clear()
     for p in fp32.parameters():
         p.requires_grad_(False)
+    strip_fused_forward(fp32)  # bound methods pickle as code (getattr): the model keeps their names instead
     extra = dict(extra or {})
     optimizer = extra.pop("optimizer", None)  # already plain (tensors, numbers, lists)
     ckpt = {"model": fp32,

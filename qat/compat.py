@@ -20,8 +20,13 @@ except ImportError:  # upstream YOLOv9 clone
         """A problem with the user's input. CLIs print it as one line (`error: ...`) and exit 2."""
 
     def run_cli(main_fn):
-        """`error: <message>` and exit 2 for a UserError, one line and exit 130 for Ctrl-C."""
+        """`error: <message>` and exit 2 for a UserError, one line and exit 130 for Ctrl-C. In a clone,
+        known breakages of upstream's own code in this environment stop the command before it starts."""
         try:
+            from qat.upstream_env import find_problems
+            problems = find_problems(Path(__file__).resolve().parents[1])
+            if problems:
+                raise UserError("; ".join(problems))
             return main_fn()
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -66,32 +71,19 @@ except ImportError:
 try:
     from models.experimental import attempt_load, load_checkpoint
 except ImportError:  # upstream YOLOv9 clone: its attempt_load unpickles anything (weights_only=False)
-    import argparse
-    import collections
-    import pathlib
+    import importlib
     import pickle
     import zipfile
 
-    import numpy as np
     import torch.nn as nn
 
-    def _safe_globals():
-        """Allow-list for weights_only loading: the model classes of this checkout's `models`
-        package, torch.nn layers, and the numpy / builtin types upstream checkpoints hold."""
-        import importlib
-        classes = []
-        for name in ("models.common", "models.yolo", "models.experimental"):
-            mod = importlib.import_module(name)
-            classes += [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, nn.Module)]
-        classes += [v for v in vars(nn).values() if isinstance(v, type) and issubclass(v, nn.Module)]
-        mod = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-        out = list(dict.fromkeys(classes)) + [np.ndarray, np.dtype, collections.OrderedDict, set,
-                                              argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]
-        for fn_name in ("_reconstruct", "scalar"):
-            fn = getattr(mod, fn_name)
-            out += [(fn, f"numpy.core.multiarray.{fn_name}"), (fn, f"numpy._core.multiarray.{fn_name}")]
-        out += [v for v in vars(np.dtypes).values() if isinstance(v, type) and issubclass(v, np.dtype)]
-        return out
+    from utils.safe_unpickle import RefusedCheckpoint, load as safe_load, module_classes, restore_fused_forward
+
+    def _model_classes():
+        """The model classes of this checkout's `models` package and torch.nn's layers: unpickled as
+        inert placeholders, so a file can name them but never construct one with its own arguments
+        (upstream's DetectionModel(cfg) would run eval() on the file's strings)."""
+        return module_classes(*(importlib.import_module(f"models.{n}") for n in ("common", "yolo", "experimental")))
 
     def load_checkpoint(weights, trusted=False, map_location="cpu"):
         """Read a checkpoint into a dict without running code from it (unless `trusted`)."""
@@ -104,11 +96,10 @@ except ImportError:  # upstream YOLOv9 clone: its attempt_load unpickles anythin
             if trusted:
                 ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
             else:
-                with torch.serialization.safe_globals(_safe_globals()):
-                    ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"weights '{weights}' was refused by the safe loader ({first}); "
+                ckpt = safe_load(path, _model_classes(), map_location=map_location)
+        except (RefusedCheckpoint, pickle.UnpicklingError) as e:
+            first = " ".join(str(e).split())[:200] or type(e).__name__
+            raise UserError(f"weights '{weights}' was refused by the safe loader ({first}); nothing was executed; "
                             f"if you trust this file, pass --trusted") from None
         except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -118,6 +109,11 @@ except ImportError:  # upstream YOLOv9 clone: its attempt_load unpickles anythin
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
             raise UserError(f"weights '{weights}' is not a YOLOv9 checkpoint (no 'model' or 'ema' entry holding "
                             f"a model)")
+        try:  # qat.checkpoint.save_qat stored upstream fuse()'s per-instance forward bindings as names
+            for key in ("model", "ema"):
+                restore_fused_forward(ckpt.get(key))
+        except RefusedCheckpoint as e:
+            raise UserError(f"weights '{weights}': {e}") from None
         return ckpt
 
     def attempt_load(weights, device="cpu", inplace=True, fuse=True, trusted=False):

@@ -18,6 +18,7 @@ import os
 from copy import deepcopy
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -416,7 +417,9 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
         fp32, ckpt_opt = load_fp32(opt.weights, device, opt.trusted)
     else:
         fp32, ckpt_opt = deepcopy(model).float().to(device), {}
-        fp32.fuse() if hasattr(fp32, "fuse") else None
+        if hasattr(fp32, "fuse"):
+            with torch.no_grad():  # upstream's fuse_conv_and_bn copy_()s into new weights: no graph to them
+                fp32.fuse()
         fp32.eval()
     check_nc(fp32, data, opt.weights or "the model", opt.data if isinstance(opt.data, str) else "the data")
     stride = max(int(max(fp32.stride)), 32)

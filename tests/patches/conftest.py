@@ -13,6 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 _IMPORT = re.compile(r"^(\s*(?:from|import)\s+)yolo9\.", re.M)
+# yolo9 1.0.18 changed upstream's NMS input selection to prediction[0][0] (dual heads only); the clone
+# (WongKinYiu/yolov9 5b1ea9a, utils/general.py) has prediction[0], which single-head GELANs need.
+_NMS_YOLO9 = "prediction = prediction[0][0]  # select only inference output"
+_NMS_UPSTREAM = "prediction = prediction[0]  # select only inference output"
 
 
 def _yolo9_root():
@@ -35,6 +39,10 @@ def upstream_pristine(tmp_path_factory):
         if new != text:
             f.write_text(new, encoding="utf-8")
     assert "from models.yolo import Model" in (dst / "train.py").read_text(encoding="utf-8")
+    general = dst / "utils" / "general.py"
+    text = general.read_text(encoding="utf-8")
+    assert text.count(_NMS_YOLO9) == 1
+    general.write_text(text.replace(_NMS_YOLO9, _NMS_UPSTREAM), encoding="utf-8")
     return dst
 
 
@@ -45,6 +53,8 @@ def upstream(upstream_pristine, tmp_path):
     shutil.copytree(upstream_pristine, dst)
     return dst
 
+
+INSTALLED_DATA = ("data/hyps/hyp.qat.yaml", "data/demo.yaml", "weights/demo-gelan.pt")  # install.py INSTALL_DATA
 
 FAKE_TOOLS = {
     # qat/pipeline.py records what train.py's hook hands over, so a test can check the contract
@@ -90,7 +100,8 @@ FAKE_TOOLS = {
 
 @pytest.fixture
 def fake_source(tmp_path):
-    """A yolov9-qat checkout in miniature: the real installer and qat/compat.py, stand-in tools."""
+    """A yolov9-qat checkout in miniature: the real installer, qat/compat.py (with the helpers it
+    imports), requirements.txt and default data files; stand-in tools."""
     root = tmp_path / "yolov9-qat"
     (root / "patches").mkdir(parents=True)
     shutil.copy2(REPO / "patches" / "install.py", root / "patches" / "install.py")
@@ -98,5 +109,8 @@ def fake_source(tmp_path):
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    shutil.copy2(REPO / "qat" / "compat.py", root / "qat" / "compat.py")
+    for rel in ("qat/compat.py", "qat/upstream_env.py", "utils/safe_unpickle.py", "requirements.txt",
+                *INSTALLED_DATA):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, root / rel)
     return root

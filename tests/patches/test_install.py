@@ -22,7 +22,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_ITEMS = ["qat", "train_qat.py", "export_qat.py", "val_trt.py"]
-UPSTREAM_DEPS = ("pandas", "seaborn", "IPython", "psutil", "git", "thop", "tensorboard", "absl")
+INSTALL_DATA = ["data/hyps/hyp.qat.yaml", "data/demo.yaml", "weights/demo-gelan.pt"]  # the tools' defaults
+# what upstream train.py imports beyond our requirements (gitpython and thop are imported lazily or optionally)
+UPSTREAM_DEPS = ("pandas", "seaborn", "IPython", "psutil", "tensorboard")
 
 
 def run_installer(source, target, *args):
@@ -98,13 +100,15 @@ def installed(fake_source, upstream):
 
 def test_install_copies_tools_and_hooks_train(installed):
     src, dst = installed.source, installed.target
-    shipped = [p.relative_to(src) for item in INSTALL_ITEMS for p in [src / item, *(src / item).rglob("*")]
-               if p.is_file()]
-    assert len(shipped) == 8
+    shipped = [p.relative_to(src) for item in INSTALL_ITEMS + INSTALL_DATA
+               for p in [src / item, *(src / item).rglob("*")] if p.is_file()]
+    assert len(shipped) == 12
     for rel in shipped:
         assert (dst / rel).read_bytes() == (src / rel).read_bytes(), rel
     # a helper module of ours that upstream's utils/ lacks comes along; upstream's own stay untouched
-    assert (dst / "utils" / "qat_fake_helper.py").is_file()
+    assert (dst / "utils" / "qat_fake_helper.py").is_file() and (dst / "utils" / "safe_unpickle.py").is_file()
+    # our packages, pinned as in requirements.txt, for the clone's environment
+    assert (dst / "requirements-qat.txt").read_bytes().endswith((src / "requirements.txt").read_bytes())
     changed = {k for k, v in snapshot(dst).items() if k in installed.before and installed.before[k] != v}
     assert changed == {"train.py"}
 
@@ -392,3 +396,57 @@ def test_installs_this_repository_into_upstream(upstream):
     r = run_installer(REPO, upstream, "--uninstall")
     assert r.returncode == 0, r.stderr
     assert snapshot(upstream) == before
+
+
+def _load_installer(source):
+    spec = importlib.util.spec_from_file_location("yolov9qat_install_under_test", source / "patches" / "install.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _install_cut_short(source, target, monkeypatch, fail_under="utils"):
+    """Run the installer in-process; its first write into `fail_under` fails (a read-only utils/)."""
+    mod = _load_installer(source)
+    real = mod.write_atomic
+
+    def failing(path, data, mode_from=None):
+        if Path(path).relative_to(target).parts[0] == fail_under:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, data, mode_from)
+
+    monkeypatch.setattr(mod, "write_atomic", failing)
+    assert mod.main([str(target)]) == 2
+    assert (target / ".yolov9-qat-install.json").is_file()  # the record was written first
+
+
+@pytest.mark.parametrize("then", ["rerun", "uninstall"])
+def test_install_cut_short_is_completed_or_rolled_back(fake_source, upstream, monkeypatch, then):
+    """issue 16.8: an install that failed half-way (read-only utils/) is finished by a rerun, or undone."""
+    before = snapshot(upstream)
+    _install_cut_short(fake_source, upstream, monkeypatch)
+    assert (upstream / "train.py").read_bytes() == (upstream / "train.py.orig-yolov9qat").read_bytes()  # not patched
+    if then == "rerun":
+        r = run_installer(fake_source, upstream)
+        assert r.returncode == 0, r.stderr
+        assert "installed yolov9-qat" in r.stdout and "# yolov9-qat" in (upstream / "train.py").read_text()
+        assert (upstream / "utils" / "qat_fake_helper.py").is_file()
+        assert "previous" not in json.loads((upstream / ".yolov9-qat-install.json").read_text())
+        r = run_installer(fake_source, upstream)
+        assert r.returncode == 0 and "nothing changed" in r.stdout
+    r = run_installer(fake_source, upstream, "--uninstall")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(upstream) == before
+
+
+def test_update_cut_short_is_completed(installed, monkeypatch):
+    """An update of installed files that stops half-way leaves files at the earlier version: still ours."""
+    src, dst = installed.source, installed.target
+    (src / "qat" / "pipeline.py").write_text((src / "qat" / "pipeline.py").read_text() + "\n# v2\n")
+    (src / "utils" / "qat_fake_helper.py").write_text("def helper_value():\n    return 43\n")
+    _install_cut_short(src, dst, monkeypatch)
+    r = run_installer(src, dst)
+    assert r.returncode == 0, r.stderr
+    assert (dst / "utils" / "qat_fake_helper.py").read_text().endswith("return 43\n")
+    assert run_installer(src, dst, "--uninstall").returncode == 0
+    assert snapshot(dst) == installed.before

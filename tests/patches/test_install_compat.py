@@ -104,7 +104,8 @@ def test_compat_fallbacks_in_an_upstream_tree(tmp_path):
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(textwrap.dedent(text).lstrip("\n"))
-    (tmp_path / "qat" / "compat.py").write_bytes((REPO / "qat" / "compat.py").read_bytes())
+    for rel in ("qat/compat.py", "qat/upstream_env.py", "utils/safe_unpickle.py"):  # what install.py copies
+        (tmp_path / rel).write_bytes((REPO / rel).read_bytes())
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "EXECUTED" not in r.stdout + r.stderr
