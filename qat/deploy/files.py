@@ -91,8 +91,16 @@ def resolved_shapes(io, batch=None):
         out[t["name"]] = dims
     for t in io["outputs"]:
         dims = list(t["dims"])
-        if t["name"] == "output0" and len(dims) == 3 and _is_dynamic(dims[2]) and h:
-            dims[2] = _anchors(int(h), int(w), strides)
+        if t["name"] == "output0" and len(dims) == 3:  # (B, 4+nc, anchors): the tracer may leave both symbolic
+            if _is_dynamic(dims[1]) and meta.get("names"):
+                dims[1] = 4 + len(meta["names"])
+            if _is_dynamic(dims[2]) and h:
+                dims[2] = _anchors(int(h), int(w), strides)
+        if meta.get("end2end") == "tensorrt" and t["name"] in TRT_NMS_OUTPUTS:
+            # EfficientNMS_TRT's documented outputs; the tracer cannot infer a plugin's shapes
+            k = int(meta.get("max_det") or 100)
+            b0 = io["inputs"][0]["dims"][0]
+            dims = [b0] + {"num_dets": [1], "det_boxes": [k, 4]}.get(t["name"], [k])
         if batch is not None and dims and t["name"] != "detections":
             dims[0] = int(batch)
         out[t["name"]] = dims
@@ -155,7 +163,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 TRT_MAJOR="${{1:-$(python3 -c 'import tensorrt; print(tensorrt.__version__.split(".")[0])' 2>/dev/null || echo 10)}}"
 if [ "$TRT_MAJOR" -ge 11 ]; then
-  # TensorRT 11: strongly typed only (no --int8/--fp16); the ONNX says which layers are FP16
+  # TensorRT 11: strongly typed only (no precision flags); the ONNX says which layers are FP16
   python3 -m modelopt.onnx.autocast --onnx_path={onnx_path.name} --output_path={stem}.fp16.onnx \\
     --low_precision_type=fp16 --keep_io_types{exclude}
   trtexec --onnx={stem}.fp16.onnx --saveEngine={stem}.engine{shapes} \\
