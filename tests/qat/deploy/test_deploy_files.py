@@ -170,3 +170,17 @@ def test_engine_is_skipped_in_one_line_without_tensorrt(tmp_path):
     assert (tmp_path / "qat.triton" / "qat" / "1" / "model.onnx").is_file()
     with pytest.raises(UserError, match="unknown"):
         write_deploy_files(tmp_path / "qat.onnx", ["tflite"])
+
+
+def test_export_qat_include_writes_the_deployment_files(tmp_path):
+    import export_qat
+    from qat.checkpoint import save_qat
+
+    save_qat(tmp_path / "qat_best.pt", tk.qat_model())
+    r = export_qat.run(weights=tmp_path / "qat_best.pt", imgsz=[tk.IMGSZ], dynamic=True, max_batch=8,
+                       include=["onnx", "engine", "trtexec", "deepstream", "triton"])
+    assert set(r["deploy"]) == {"engine", "trtexec", "deepstream", "triton"}
+    assert r["deploy"]["engine"].startswith("skipped: ")  # no TensorRT / GPU here
+    assert "--maxShapes=images:8x3x" in (tmp_path / "qat_best.trtexec.sh").read_text()
+    assert _parse_pbtxt(tmp_path / "qat_best.triton" / "qat_best" / "config.pbtxt").max_batch_size == 8
+    assert (tmp_path / "qat_best.deepstream" / "config_infer_primary.txt").is_file()
