@@ -44,7 +44,7 @@ def tensorrt_available():
 def _trt():
     ok, why = tensorrt_available()
     if not ok:
-        raise UserError(f"TensorRT is not available here: {why}; use --backend openvino (CPU)")
+        raise UserError(f"backend 'tensorrt' is not available here: {why}; use --backend openvino (CPU)")
     import tensorrt as trt
 
     return trt
@@ -59,16 +59,24 @@ def strongly_typed(version):
     return trt_major(version) >= 11
 
 
-def build_options(onnx_path, trt_version, gpu="", max_batch=None, opt_batch=None, workspace_gb=4.0,
-                  qdq_scales="fp32"):
-    """Everything that changes the engine built from one ONNX: part of the reuse key."""
+def _io(onnx_path, imgsz=None):
+    """onnx_io, with `imgsz` (int or (h, w)) standing in for a file that records none (export.py's)."""
     io = onnx_io(onnx_path)
+    if imgsz:
+        io["meta"]["imgsz"] = [int(imgsz), int(imgsz)] if isinstance(imgsz, int) else [int(v) for v in imgsz]
+    return io
+
+
+def build_options(onnx_path, trt_version, gpu="", max_batch=None, opt_batch=None, workspace_gb=4.0,
+                  qdq_scales="fp32", imgsz=None):
+    """Everything that changes the engine built from one ONNX: part of the reuse key."""
+    io = _io(onnx_path, imgsz)
     dynamic = not isinstance(io["inputs"][0]["dims"][0], int) or io["inputs"][0]["dims"][0] <= 0
     mx = int(max_batch or MAX_BATCH) if dynamic else None
     return {"trt": str(trt_version), "gpu": gpu, "int8": has_qdq(onnx_path), "fp16": True,
             "strongly_typed": strongly_typed(trt_version), "qdq_scales": qdq_scales if strongly_typed(trt_version)
             else None, "batch": [1, int(min(opt_batch or OPT_BATCH, mx)), mx] if dynamic else None,
-            "workspace_gb": float(workspace_gb)}
+            "workspace_gb": float(workspace_gb), "imgsz": io["meta"].get("imgsz")}
 
 
 def engine_key(onnx_path, options):
@@ -106,15 +114,16 @@ def _profile_shapes(network, io, options):
 
 
 def build_engine(onnx_path, engine_path=None, max_batch=None, opt_batch=None, workspace_gb=4.0, qdq_scales="fp32",
-                 rebuild=False):
+                 rebuild=False, imgsz=None):
     """Build (or reuse) the engine for `onnx_path`; returns the engine path (default: .engine beside it).
 
-    INT8 when the ONNX has Q/DQ nodes, else the FP16 baseline; float layers FP16 either way."""
+    INT8 when the ONNX has Q/DQ nodes, else the FP16 baseline; float layers FP16 either way. `imgsz`:
+    the height/width of the profile for a dynamic-size file that does not record it (export.py's)."""
     trt = _trt()
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
     options = build_options(onnx_path, trt.__version__, torch.cuda.get_device_name(0), max_batch, opt_batch,
-                            workspace_gb, qdq_scales)
+                            workspace_gb, qdq_scales, imgsz)
     key = engine_key(onnx_path, options)
     if not rebuild and reusable(engine_path, key):
         log(f"TensorRT: reusing {engine_path.name} (same ONNX and build options)")
@@ -124,7 +133,7 @@ def build_engine(onnx_path, engine_path=None, max_batch=None, opt_batch=None, wo
         from qat.deploy.autocast import fp16_onnx
 
         source = fp16_onnx(onnx_path, engine_path.with_suffix(".fp16.onnx"), qdq_scales=qdq_scales)
-    io = onnx_io(onnx_path)
+    io = _io(onnx_path, imgsz)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
