@@ -85,3 +85,20 @@ def test_setting_validated_and_old_checkpoints_default_to_both():
     assert QuantSettings.from_dict({"weight_bits": 8}).residual_quant == "both"
     with pytest.raises(UserError, match="residual-quant"):
         QuantSettings(residual_quant="input")
+
+
+def test_shortcut_placement_survives_the_checkpoint(tmp_path):
+    from qat.checkpoint import load_qat, save_qat
+    from qat.modules import QuantRepNBottleneck
+
+    model, _ = _export("shortcut", tmp_path)
+    save_qat(tmp_path / "q.pt", model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, settings, _ = load_qat(tmp_path / "q.pt")
+    assert settings.residual_quant == "shortcut"
+    blocks = [m for m in loaded.modules() if isinstance(m, QuantRepNBottleneck)]
+    assert blocks and all(m.residual_quant == "shortcut" for m in blocks)
+    x = kit.images(2)
+    with torch.no_grad():
+        assert torch.equal(kit.export_mode(loaded)(x), kit.export_mode(model)(x))
