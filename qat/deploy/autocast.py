@@ -15,6 +15,7 @@ Input and output stay FP32 (`keep_io_types`), so the engine's I/O is that of the
 AutoCast needs modelopt's ONNX extras (onnxscript, lief, cppimport, onnxconverter-common, polygraphy;
 requirements.txt), not onnxruntime-gpu: its reference run uses the CPU provider.
 """
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def fp16_onnx(onnx_path, out_path=None, qdq_scales="fp32"):
         raise UserError(f"qdq_scales '{qdq_scales}' is unknown: use one of {', '.join(QDQ_SCALE_FORMS)}")
     onnx_path = Path(onnx_path)
     out_path = Path(out_path) if out_path else onnx_path.with_name(onnx_path.stem + ".fp16.onnx")
+    source = onnx.load(str(onnx_path), load_external_data=False)
+    plugins = sorted({n.op_type for n in source.graph.node if n.domain == "TRT"})
+    if plugins and importlib.util.find_spec("tensorrt") is None:  # AutoCast asks TensorRT for a plugin's types
+        raise UserError(f"{onnx_path.name} has TensorRT plugin nodes ({', '.join(plugins)}): ModelOpt AutoCast needs "
+                        f"the tensorrt package to convert it; run this where TensorRT is installed")
     convert = _autocast()
     exclude = QDQ_OPS if qdq_scales == "fp32" else []
     try:
@@ -54,7 +60,6 @@ def fp16_onnx(onnx_path, out_path=None, qdq_scales="fp32"):
     except Exception as e:  # AutoCast's own errors are assertions and ORT errors: one line for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"ModelOpt AutoCast could not convert {onnx_path.name} to FP16: {first}") from None
-    source = onnx.load(str(onnx_path), load_external_data=False)
     del model.metadata_props[:]
     model.metadata_props.extend(source.metadata_props)  # AutoCast drops them; strides/names live there
     _save(model, out_path)

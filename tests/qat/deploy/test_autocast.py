@@ -1,5 +1,6 @@
 """qat.deploy.autocast: ModelOpt AutoCast on real exports, on the CPU (its reference run uses the
 ONNX Runtime CPU provider; no onnxruntime-gpu needed)."""
+import importlib.util
 import warnings
 
 import numpy as np
@@ -79,3 +80,11 @@ def test_float_export_becomes_fp16_baseline(tmp_path):
     m = onnx.load(str(out))
     conv_weights = {n.input[1] for n in m.graph.node if n.op_type == "Conv"}
     assert all(i.data_type == FP16 for i in m.graph.initializer if i.name in conv_weights)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt installed")
+def test_plugin_graph_needs_tensorrt_one_line(tmp_path):
+    from qat.compat import UserError
+
+    with pytest.raises(UserError, match="EfficientNMS_TRT.*needs the tensorrt package"):
+        _convert("e2e_trt", tmp_path)
