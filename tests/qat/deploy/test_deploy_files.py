@@ -4,7 +4,6 @@ import configparser
 import subprocess
 import warnings
 
-import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
