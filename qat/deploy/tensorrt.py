@@ -228,9 +228,6 @@ class TensorRTBackend(Backend):
         self._dtypes = {n: torch.from_numpy(np.zeros(1, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
                         for n in io}
 
-    def describe(self):
-        return f"{self.name} ({Path(self.path).name})"
-
     def _infer(self, x):
         if self.batch is None and x.shape[0] > self.max_batch:
             return np.concatenate([self._infer(x[i:i + self.max_batch]) for i in range(0, x.shape[0], self.max_batch)])
