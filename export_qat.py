@@ -12,6 +12,9 @@ command prints the path, size, Q/DQ counts and both reports, and fails when lint
 num_dets, det_boxes, det_scores, det_classes) or the standard ONNX NonMaxSuppression (--nms onnx;
 output `detections` (K, 7) = image, x1, y1, x2, y2, conf, class). --nms auto picks tensorrt when
 TensorRT and a GPU are here, else onnx.
+--include engine trtexec deepstream triton: the TensorRT engine (+ report; a one-line skip without
+TensorRT and a GPU), a trtexec command file for TensorRT 10 and 11, a DeepStream nvinfer config and a
+Triton model folder, all beside the ONNX (qat.deploy.files).
 """
 import sys
 import warnings
@@ -68,7 +71,7 @@ def load_for_export(weights, device="cpu", no_last_layer=False, trusted=False):
 
 def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=False, device="cpu",
         no_last_layer=False, end2end=False, nms="auto", topk_all=100, iou_thres=0.45, conf_thres=0.25,
-        trusted=False):
+        trusted=False, include=("onnx",), max_batch=None):
     """Export; returns a dict: path, qat, size_mb, qdq counts, graph report, lint violations."""
     from qat.deploy import tensorrt_available
     from qat.export import export_qat_onnx
@@ -119,6 +122,13 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
     if is_qat:
         LOGGER.info(f"lint: ok ({s['pairs']} Q/DQ pairs, {s['groups']} shared-scale groups, "
                     f"{s['int8_convs']}/{s['convs']} convolutions INT8)")
+    from qat.deploy.files import DEPLOY_WRITERS, write_deploy_files  # engine / trtexec / deepstream / triton
+
+    deploy = [n for n in include if n in DEPLOY_WRITERS]
+    if deploy:
+        result["deploy"] = write_deploy_files(out, deploy, max_batch=max_batch)
+        for name, r in result["deploy"].items():
+            LOGGER.info(f"{colorstr(name + ':')} {r}")
     return result
 
 
@@ -143,6 +153,10 @@ def parse_opt(argv=None):
     parser.add_argument("--conf-thres", type=probability, default=0.25, help="end2end: confidence threshold")
     parser.add_argument("--trusted", action="store_true",
                         help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
+    parser.add_argument("--include", nargs="+", default=["onnx"],
+                        help="also write: engine (TensorRT, GPU), trtexec, deepstream, triton (files beside the ONNX)")
+    parser.add_argument("--max-batch", type=int, default=None, help="dynamic exports: largest batch of the TensorRT "
+                                                                    "profile and Triton's max_batch_size (default 32)")
     return parser.parse_args(argv)
 
 

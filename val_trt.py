@@ -210,6 +210,11 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
         if backend == "openvino" and quantized:
             c = deployed.conv_precisions()
             extra.append(f"OpenVINO runtime model of {path.name}: {c['int8']}/{c['total']} convolutions in INT8")
+        engine_report = getattr(deployed, "report", None) if backend == "tensorrt" else None
+        if engine_report:  # per-layer precisions of the built engine (qat.deploy.engine_report)
+            from qat.deploy.engine_report import format_summary
+
+            extra.append(format_summary(engine_report, f"TensorRT engine of {path.name}"))
         delta = rows[-1]["mAP50-95"] - ref if ref is not None else None
         if delta is not None:
             ok = abs(delta) <= tolerance
@@ -229,6 +234,8 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
               "imgsz": imgsz, "batch_size": batch_size}
     if files and backend == "openvino":
         result["cpu"] = getattr(deployed, "cpu", None)
+    if engine_report:
+        result["engine_report"] = {k: v for k, v in engine_report.items() if k != "per_layer"}
     (save_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
     LOGGER.info("\n" + table + "\n" + "\n".join(extra) + f"\nResults saved to {colorstr('bold', save_dir)}")
     return result

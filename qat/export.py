@@ -302,6 +302,7 @@ def export_qat_onnx(model, path, imgsz=640, batch_size=1, dynamic=False, opset=1
             "head": f"model.{len(m.model) - 1}" if hasattr(m, "model") else "",
             "end2end": nms if end2end else "", "float_layers": float_layers(m) if quantized else [],
             "weight_bits": int(settings.get("weight_bits", 8)) if quantized else 32,
+            "residual_quant": settings.get("residual_quant", "both") if quantized else "",
             "producer": "yolov9-qat qat.export"}
     meta.update(extra_meta or {})
     if end2end:

@@ -147,6 +147,9 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
         if consumers and all(c.op == "Conv" and matches(module_name(c), patterns) for c in consumers):
             v.append(f"{p.name}: Q/DQ feeds only float layer(s) {module_name(consumers[0])}")
 
+    # residual Adds follow the file's --residual-quant placement
+    v += _residual_violations(graph, meta.get("residual_quant") or "both", patterns)
+
     # dangling nodes and leftovers
     outputs = set(id(t) for t in graph.outputs)
     for n in graph.nodes:
@@ -154,6 +157,31 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
             v.append(f"{n.name or n.op}: {n.op} output is never used (dangling node)")
         if _is_float_cast(n):
             v.append(f"{n.name}: float-to-float Cast left in the graph (qat.graph.postprocess removes it)")
+    return v
+
+
+def _residual_violations(graph, placement, float_patterns):
+    """'both': an Add fed by one DequantizeLinear must be fed by two (one unquantized input splits the
+    group). 'shortcut': the unquantized input of such an Add must come straight from a convolution
+    (its Conv or the activation right after it) so TensorRT can fuse the Add into that convolution."""
+    v = []
+    for n in graph.nodes:
+        if n.op != "Add" or len(n.inputs) != 2 or matches(module_name(n), float_patterns):
+            continue
+        fed = [_dq_of(t) is not None for t in n.inputs]
+        if sum(fed) != 1:
+            continue
+        if placement == "both":
+            v.append(f"{n.name}: residual Add with only one quantized input; --residual-quant both quantizes both")
+            continue
+        other = n.inputs[fed.index(False)]
+        prod = other.inputs[0] if getattr(other, "inputs", None) else None
+        if prod is not None and prod.op == "Mul":  # SiLU = x * sigmoid(x): look through to its input
+            prod = next((t.inputs[0] for t in prod.inputs if getattr(t, "inputs", None) and t.inputs[0].op == "Conv"),
+                        prod)
+        if prod is None or prod.op != "Conv":
+            v.append(f"{n.name}: the unquantized input of the residual Add does not come from a convolution "
+                     f"({prod.op if prod is not None else 'graph input'}); TensorRT cannot fuse it")
     return v
 
 

@@ -123,9 +123,11 @@ class QuantConcat(QuantMixin, Concat):
 
 
 class QuantRepNBottleneck(QuantMixin, RepNBottleneck):
-    """Residual Add with both inputs quantized (TensorRT fuses the Add into cv2's convolution)."""
+    """Residual Add: `residual_quant` 'both' quantizes both inputs with one quantizer; 'shortcut' only
+    the shortcut x (TensorRT's placement guide: the Add fuses into cv2's convolution as its residual)."""
     FLOAT = RepNBottleneck
     QUANT_POINTS = ("add_quantizer",)
+    residual_quant = "both"
 
     @classmethod
     def _quant_points(cls, module):
@@ -133,7 +135,9 @@ class QuantRepNBottleneck(QuantMixin, RepNBottleneck):
 
     def forward(self, x):
         y = self.cv2(self.cv1(x))
-        return self.add_quantizer(x) + self.add_quantizer(y) if self.add else y
+        if not self.add:
+            return y
+        return self.add_quantizer(x) + (self.add_quantizer(y) if self.residual_quant == "both" else y)
 
 
 class QuantRepNCSP(QuantMixin, RepNCSP):
@@ -214,6 +218,8 @@ def to_quant(module, settings):
         q = make_weight_quantizer(settings.weight_bits) if point == "weight_quantizer" else \
             make_input_quantizer(settings.calib_method)
         setattr(module, point, q)
+    if cls is QuantRepNBottleneck:
+        module.residual_quant = getattr(settings, "residual_quant", "both")
     return module
 
 
@@ -223,5 +229,6 @@ def to_float(module):
         for name, child in list(module._modules.items()):  # not named_children(): it skips shared ones
             if child is not None and is_quantizer(child):
                 delattr(module, name)
+        module.__dict__.pop("residual_quant", None)
         module.__class__ = module.FLOAT
     return module

@@ -67,6 +67,8 @@ def add_common_args(p):
     p.add_argument("--calib-batches", type=positive_int, default=32,
                    help="calibration batches (train images, all ranks)")
     p.add_argument("--no-last-layer", action="store_true", help="keep the detection head (model.model[-1]) float")
+    p.add_argument("--residual-quant", default="both", choices=("both", "shortcut"),
+                   help="RepNBottleneck residual Add: quantize both inputs, or only the shortcut (TensorRT's guide)")
     p.add_argument("--skip-layers", nargs="+", default=[], metavar="REGEX",
                    help="keep modules whose quantizer names match in float, e.g. '^model\\.22\\.'")
     p.add_argument("--auto-skip", type=nonneg_float, default=None, metavar="BUDGET",
@@ -105,7 +107,8 @@ def default_opt():
 
 def settings_from_opt(opt):
     return QuantSettings(weight_bits=opt.weight_bits, calib_method=opt.calib_method, percentile=opt.percentile,
-                         no_last_layer=opt.no_last_layer, skip_layers=list(opt.skip_layers or []))
+                         no_last_layer=opt.no_last_layer, skip_layers=list(opt.skip_layers or []),
+                         residual_quant=getattr(opt, "residual_quant", "both"))
 
 
 def finetune_options(opt, save_dir, settings):
@@ -557,7 +560,8 @@ def run_from_train(model, opt, hyp, data_dict, device):
     qopt.hyp = dict(hyp)
     qopt.iters_per_epoch = 0
     for k in vars(qopt):  # train.py may have been given QAT options too (ours does not define them)
-        if k.startswith(("calib_", "weight_bits", "no_last_layer", "skip_layers", "loss", "iters_per_epoch")) \
+        if k.startswith(("calib_", "weight_bits", "no_last_layer", "skip_layers", "residual_quant", "loss",
+                         "iters_per_epoch")) \
                 and hasattr(opt, k):
             setattr(qopt, k, getattr(opt, k))
     try:

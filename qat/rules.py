@@ -7,6 +7,9 @@ of tensors: one small forward pass records every torch operation (a `TorchFuncti
   input: these ops commute with quantization, TensorRT moves Q/DQ across them;
 - all inputs of a Concat (torch.cat / stack) and its output;
 - both inputs of an elementwise Add (residual Add, CBFuse sum).
+With --residual-quant shortcut, RepNBottleneck quantizes only the shortcut: the Add's other input
+(cv2's output) has no quantizer, so the Add joins nothing new and the shortcut's quantizer is grouped
+with cv1's input quantizer (both read x), exactly as TensorRT fuses it.
 Every activation quantizer reads one or more tensors; quantizers whose tensors fall into one class
 form one group. Nothing here knows a layer index or a block type, so it covers every config in
 models/detect/ and a user's own yaml: RepNCSPELAN4's chunks, concat and cv4 input; RepNCSP; the

@@ -6,6 +6,7 @@ from qat.compat import UserError
 
 CALIB_METHODS = ("max", "percentile", "mse", "entropy")
 WEIGHT_BITS = (7, 8)
+RESIDUAL_QUANT = ("both", "shortcut")
 
 
 @dataclass
@@ -15,12 +16,16 @@ class QuantSettings:
     percentile: for 'percentile'. no_last_layer: keep the detection head (model.model[-1]) in float.
     skip_layers: regexes searched (re.search) in quantizer names such as
     'model.3.cv4.conv.input_quantizer', so '^model\\.22\\.' or 'model\\.3\\.cv4' keeps every quantizer
-    of those modules disabled (in float)."""
+    of those modules disabled (in float).
+    residual_quant: the residual Add of RepNBottleneck: 'both' inputs quantized (one scale), or only the
+    'shortcut' input (TensorRT's Q/DQ placement guide: the Add then fuses into the convolution that
+    produces the other input). Which is faster is measured on a GPU (scripts/gpu_check.sh)."""
     weight_bits: int = 8
     calib_method: str = "max"
     percentile: float = 99.99
     no_last_layer: bool = False
     skip_layers: list = field(default_factory=list)
+    residual_quant: str = "both"
 
     def __post_init__(self):
         self.validate()
@@ -35,6 +40,8 @@ class QuantSettings:
             raise UserError(f"--percentile {self.percentile} must be in (0, 100], e.g. 99.99")
         self.percentile = float(self.percentile)
         self.no_last_layer = bool(self.no_last_layer)
+        if self.residual_quant not in RESIDUAL_QUANT:
+            raise UserError(f"--residual-quant '{self.residual_quant}' is unknown: use one of {', '.join(RESIDUAL_QUANT)}")
         if isinstance(self.skip_layers, str):
             self.skip_layers = [self.skip_layers]
         self.skip_layers = [str(s) for s in (self.skip_layers or [])]

@@ -1,0 +1,104 @@
+"""qat.modules: --residual-quant both | shortcut (RepNBottleneck's residual Add), exported and linted."""
+import warnings
+
+import onnx
+import pytest
+import torch
+
+import qat_testkit as kit
+from qat.compat import UserError
+from qat.settings import QuantSettings
+
+
+def _export(mode, tmp_path):
+    from qat.calibrate import calibrate
+    from qat.export import export_qat_onnx
+    from qat.quantize import quantize_model
+
+    settings = QuantSettings(residual_quant=mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = quantize_model(kit.fp32_model(), settings)
+        calibrate(m, kit.calib_batches(), settings, show=False)
+        path = export_qat_onnx(m.eval(), tmp_path / f"{mode}.onnx", kit.IMGSZ, batch_size=2)
+    return m, path
+
+
+def _residual_adds(path):
+    """[(number of DequantizeLinear inputs, producer op of the other input)] of the Add nodes fed by a DQ."""
+    g = onnx.load(str(path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    out = []
+    for n in g.node:
+        if n.op_type != "Add":
+            continue
+        prods = [producer.get(i) for i in n.input]
+        dq = [p is not None and p.op_type == "DequantizeLinear" for p in prods]
+        if any(dq):
+            other = [p.op_type for p, d in zip(prods, dq) if not d and p is not None]
+            out.append((sum(dq), other[0] if other else None))
+    return out
+
+
+def _matches_fake_quant(model, path):
+    import onnxruntime as ort
+
+    x = kit.images(2)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    y = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        ref = kit.export_mode(model)(x).numpy()
+    return abs(y - ref).max() / abs(ref).max()
+
+
+@pytest.mark.parametrize("mode", ["both", "shortcut"])
+def test_residual_placement_exports_and_lints_clean(mode, tmp_path):
+    from qat.graph import metadata
+    from qat.lint import lint
+
+    model, path = _export(mode, tmp_path)
+    adds = _residual_adds(path)
+    assert len(adds) == 4  # the tiny model's four RepNBottlenecks
+    if mode == "both":
+        assert all(n == 2 for n, _ in adds)
+    else:  # only the shortcut: the other input straight from cv2 (Conv + SiLU Mul)
+        assert all(n == 1 and other in ("Conv", "Mul") for n, other in adds)
+    assert metadata(path)["residual_quant"] == mode
+    assert lint(path) == []
+    assert _matches_fake_quant(model, path) < 1e-3
+
+
+def test_lint_checks_the_recorded_placement(tmp_path):
+    from qat.graph import _save
+    from qat.lint import lint
+
+    _, path = _export("shortcut", tmp_path)
+    m = onnx.load(str(path))
+    next(p for p in m.metadata_props if p.key == "residual_quant").value = "both"
+    _save(m, path)
+    v = lint(path)
+    assert len(v) == 4 and all("only one quantized input" in line for line in v)
+
+
+def test_setting_validated_and_old_checkpoints_default_to_both():
+    assert QuantSettings.from_dict({"weight_bits": 8}).residual_quant == "both"
+    with pytest.raises(UserError, match="residual-quant"):
+        QuantSettings(residual_quant="input")
+
+
+def test_shortcut_placement_survives_the_checkpoint(tmp_path):
+    from qat.checkpoint import load_qat, save_qat
+    from qat.modules import QuantRepNBottleneck
+
+    model, _ = _export("shortcut", tmp_path)
+    save_qat(tmp_path / "q.pt", model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, settings, _ = load_qat(tmp_path / "q.pt")
+    assert settings.residual_quant == "shortcut"
+    blocks = [m for m in loaded.modules() if isinstance(m, QuantRepNBottleneck)]
+    assert blocks and all(m.residual_quant == "shortcut" for m in blocks)
+    x = kit.images(2)
+    with torch.no_grad():
+        assert torch.equal(kit.export_mode(loaded)(x), kit.export_mode(model)(x))
