@@ -125,12 +125,12 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
         raise UserError(f"{model_path.name} predicts {onnx_nc} classes but the data yaml has {data['nc']}: "
                         f"pass the --data the model was trained on")
     deployed = load_backend(backend, model_path, threads=threads, vnni=_vnni(vnni))
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     static_batch = deployed.batch
     if static_batch and batch_size > static_batch:
         LOGGER.info(f"{model_path.name} has a static batch of {static_batch}: running in chunks of {static_batch}")
     dataloader = create_dataloader(data[task], imgsz, batch_size, 32, pad=0.0, rect=False, workers=workers,
                                    prefix=colorstr(f"{task}: "))[0]
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)  # inputs are good
     dev = select_device(device, batch_size=batch_size)
 
     def evaluate(label, desc, model, latency=None):
