@@ -13,6 +13,7 @@ the detection). The deployed mAP50-95 is checked against the reference (ONNX Run
 fake-quant model): a difference above --tolerance is reported. Results: runs/val_trt/<name>/
 results.md and results.json.
 """
+import inspect
 import json
 import sys
 import warnings
@@ -128,8 +129,10 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
     static_batch = deployed.batch
     if static_batch and batch_size > static_batch:
         LOGGER.info(f"{model_path.name} has a static batch of {static_batch}: running in chunks of {static_batch}")
+    # our scan skips (and counts) labels of a class >= nc; an upstream clone's create_dataloader has no nc
+    scan_nc = {"nc": int(data["nc"])} if "nc" in inspect.signature(create_dataloader).parameters else {}
     dataloader = create_dataloader(data[task], imgsz, batch_size, 32, pad=0.0, rect=False, workers=workers,
-                                   prefix=colorstr(f"{task}: "))[0]
+                                   prefix=colorstr(f"{task}: "), **scan_nc)[0]
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)  # inputs are good
     dev = select_device(device, batch_size=batch_size)
 
