@@ -16,6 +16,7 @@ the detection). The deployed mAP50-95 is checked against the reference (ONNX Run
 fake-quant model): a difference above --tolerance is reported. Results: runs/val_trt/<name>/
 results.md and results.json.
 """
+import inspect
 import json
 import sys
 import warnings
@@ -173,9 +174,11 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
         if onnx_nc is not None and onnx_nc != int(data["nc"]):
             raise UserError(f"{f.name} predicts {onnx_nc} classes but the data yaml has {data['nc']}: "
                             f"pass the --data the model was trained on")
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
+    # our scan skips (and counts) labels of a class >= nc; an upstream clone's create_dataloader has no nc
+    scan_nc = {"nc": int(data["nc"])} if "nc" in inspect.signature(create_dataloader).parameters else {}
     dataloader = create_dataloader(data[task], imgsz, batch_size, 32, pad=0.0, rect=False, workers=workers,
-                                   prefix=colorstr(f"{task}: "))[0]
+                                   prefix=colorstr(f"{task}: "), **scan_nc)[0]
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)  # inputs are good
     dev = select_device(device, batch_size=batch_size)
 
     def evaluate(label, desc, model, latency=None):

@@ -23,7 +23,6 @@ every later layer turns one flip into several. This script measures that chain a
 
 Writes benchmarks/results/agreement-<name>.{md,json}.
 """
-import argparse
 import json
 import sys
 import tempfile
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_float, positive_int  # noqa: E402
 from utils.general import LOGGER, UserError, check_img_size, print_args, run_cli  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -212,18 +212,18 @@ def to_markdown(r):
 
 
 def parse_opt(argv=None):
-    p = argparse.ArgumentParser(description="OpenVINO INT8 vs ONNX Runtime vs fake-quant agreement and mAP noise floor")
+    p = ArgumentParser(description="OpenVINO INT8 vs ONNX Runtime vs fake-quant agreement and mAP noise floor")
     p.add_argument("--onnx", required=True, help="Q/DQ ONNX from export_qat.py")
     p.add_argument("--weights", default="", help="its QAT checkpoint (adds the PyTorch fake-quant row)")
     p.add_argument("--data", default=str(ROOT / "data/demo.yaml"), help="dataset yaml")
-    p.add_argument("--imgsz", type=int, default=None, help="default: the ONNX's")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=6, help="perturbed reference runs for the noise floor")
-    p.add_argument("--sigma", type=float, default=1e-4, help="input noise of the perturbed runs (input in 0-1)")
-    p.add_argument("--layers", type=int, default=8, help="depths at which to count flips (0 = skip)")
-    p.add_argument("--layer-images", type=int, default=8, help="images for the flip counts")
-    p.add_argument("--threads", type=int, default=1, help="runtime threads")
-    p.add_argument("--workers", type=int, default=2, help="dataloader workers")
+    p.add_argument("--imgsz", type=imgsz_int, default=None, help="default: the ONNX's")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=6, help="perturbed reference runs for the noise floor")
+    p.add_argument("--sigma", type=positive_float, default=1e-4, help="input noise of the perturbed runs (input in 0-1)")
+    p.add_argument("--layers", type=nonneg_int, default=8, help="depths at which to count flips (0 = skip)")
+    p.add_argument("--layer-images", type=positive_int, default=8, help="images for the flip counts")
+    p.add_argument("--threads", type=positive_int, default=1, help="runtime threads")
+    p.add_argument("--workers", type=nonneg_int, default=2, help="dataloader workers")
     p.add_argument("--name", default=None, help="results name (default: the ONNX's stem)")
     p.add_argument("--trusted", action="store_true", help="allow full pickle loading of --weights")
     return p.parse_args(argv)

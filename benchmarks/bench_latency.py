@@ -15,7 +15,6 @@ throughput (images/s) at each batch size, INT8 vs float convolutions of OpenVINO
 model sizes (FP32 / FP16 .pt, INT8 IR), written to benchmarks/results/<name>.{md,json,png}.
 `python benchmarks/make_readme.py` turns the results into the README's results section.
 """
-import argparse
 import json
 import platform
 import statistics
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int  # noqa: E402
 from utils.general import LOGGER, UserError, check_img_size, print_args, run_cli  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -319,17 +319,17 @@ def write(results, out):
 
 
 def parse_opt(argv=None):
-    p = argparse.ArgumentParser(description="FP32 vs QAT vs NNCF INT8 latency on OpenVINO (CPU)")
+    p = ArgumentParser(description="FP32 vs QAT vs NNCF INT8 latency on OpenVINO (CPU)")
     p.add_argument("--cfg", default="models/detect/gelan-c.yaml", help="model yaml (random weights)")
     p.add_argument("--weights", default=None, help="QAT or plain checkpoint instead of random weights")
     p.add_argument("--data", default=None, help="dataset yaml: calibration images from its train split")
-    p.add_argument("--imgsz", type=int, default=640, help="image size")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="batch sizes to time")
-    p.add_argument("--threads", type=int, default=2, help="OpenVINO inference threads")
-    p.add_argument("--iters", type=int, default=5, help="timed calls per model per round")
-    p.add_argument("--rounds", type=int, default=4, help="rounds (models take turns)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per model first")
-    p.add_argument("--calib-images", type=int, default=8, help="calibration images (QAT model and NNCF)")
+    p.add_argument("--imgsz", type=imgsz_int, default=640, help="image size")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 8], help="batch sizes to time")
+    p.add_argument("--threads", type=positive_int, default=2, help="OpenVINO inference threads")
+    p.add_argument("--iters", type=positive_int, default=5, help="timed calls per model per round")
+    p.add_argument("--rounds", type=positive_int, default=4, help="rounds (models take turns)")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed calls per model first")
+    p.add_argument("--calib-images", type=positive_int, default=8, help="calibration images (QAT model and NNCF)")
     p.add_argument("--no-nncf", dest="nncf", action="store_false", help="skip the NNCF peer")
     p.add_argument("--name", default=None, help="results name (default: cfg or weights stem)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")

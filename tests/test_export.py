@@ -128,7 +128,8 @@ def test_bad_input(exported, tmp_path, capfd):
     for argv, words in ([["--weights", str(tmp_path / "missing.pt")], "not found"],
                         [["--weights", str(weights), "--imgsz", "65"], "multiple of the model stride 32"],
                         [["--weights", str(weights.with_suffix(".onnx"))], "already ONNX"],
-                        [["--weights", str(weights), "--batch-size", "0"], "whole number >= 1"]):
+                        [["--weights", str(weights), "--batch-size", "0"], "--batch-size: 0 is not"],
+                        [["--weights", str(weights), "--opset", "5"], "--opset: 5 is not a whole number in [13, "]):
         with pytest.raises(SystemExit) as e:
             export.main(argv)
         err = capfd.readouterr().err.strip().splitlines()

@@ -95,7 +95,7 @@ def test_bad_input(setup, tmp_path, capsys):
         val_trt.run(data=data, project=tmp_path)
     with pytest.raises(UserError, match="has no QuantizeLinear"):  # a float ONNX for a QAT checkpoint
         val_trt.run(data=data, onnx=kit.onnx_path("fp32"), checkpoint=ckpt, project=tmp_path)
-    bad = [("--backend", "tflite", "invalid choice: 'tflite'")]
+    bad = [("--backend", "tflite", "--backend: invalid choice: 'tflite'")]
     if not tensorrt_available()[0]:
         bad.append(("--backend", "tensorrt", "backend 'tensorrt' is not available here"))
     for flag, value, message in bad:

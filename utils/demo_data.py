@@ -23,7 +23,6 @@ Data yaml `path`: `data/demo.yaml` holds `path: datasets/demo` when the dataset 
 repository. A relative `path` means relative to the repository root (upstream YOLO's `ROOT / path`);
 a dataset outside the repository is written with an absolute path.
 """
-import argparse
 import importlib.util
 import multiprocessing as mp
 import os
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ("circle", "rectangle", "triangle", "star", "cross", "ring")
@@ -451,22 +452,19 @@ def write_repo_yaml(data_yaml, out_dir, header):
 
 
 def parse_opt(argv=None):
-    p = argparse.ArgumentParser(description="Write the synthetic demo detection dataset (YOLO format).")
+    p = ArgumentParser(description="Write the synthetic demo detection dataset (YOLO format).")
     p.add_argument("--out", default="datasets/demo", help="output folder")
-    p.add_argument("--n-train", type=int, default=N_TRAIN)
-    p.add_argument("--n-val", type=int, default=N_VAL)
-    p.add_argument("--imgsz", type=int, default=320, help="long side of every image, px")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes")
+    p.add_argument("--n-train", type=nonneg_int, default=N_TRAIN)
+    p.add_argument("--n-val", type=nonneg_int, default=N_VAL)
+    p.add_argument("--imgsz", type=imgsz_int, default=320, help="long side of every image, px")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1), help="processes")
     p.add_argument("--data", default=str(ROOT / "data" / "demo.yaml"), help="data yaml to write ('' = none)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     opt = parse_opt(argv)
-    if opt.n_train < 0 or opt.n_val < 0 or opt.imgsz < 32:
-        print("error: --n-train/--n-val must be >= 0 and --imgsz >= 32", file=sys.stderr)
-        return 2
     try:
         load_photos()
     except RuntimeError as e:

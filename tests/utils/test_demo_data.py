@@ -94,8 +94,10 @@ def test_cli(tmp_path, capsys):
                  str(tmp_path / "demo.yaml")]) == 0
     assert "wrote" in capsys.readouterr().out
     assert yaml.safe_load((tmp_path / "demo.yaml").read_text())["path"] == (tmp_path / "d").resolve().as_posix()
-    assert main(["--out", str(tmp_path / "e"), "--n-train", "-1"]) == 2
-    assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "e"), "--n-train", "-1"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: argument --n-train")
+    assert not (tmp_path / "e").exists()
 
 
 def test_demo_py_remakes_an_old_or_partial_dataset(tmp_path, monkeypatch):
