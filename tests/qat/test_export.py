@@ -1,5 +1,6 @@
 """qat.export and export_qat.py: Q/DQ ONNX that lints clean and computes what the fake-quant model does."""
 import re
+from pathlib import Path
 
 import onnx
 import pytest
@@ -135,3 +136,31 @@ def test_export_qat_bad_input(checkpoints, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --imgsz 65")
+
+
+def test_export_qat_never_replaces_a_good_file_with_a_rejected_one(checkpoints, monkeypatch):
+    """Interrupted in the graph pass (Ctrl-C / kill mid-export) or rejected by lint: the previous good
+    file keeps the final name and no temporary file is left."""
+    import export_qat
+    import qat.graph
+    import qat.lint
+
+    good = export_qat.run(weights=checkpoints / "qat_best.pt", imgsz=[kit.IMGSZ])
+    path = Path(good["path"])
+    before = path.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(qat.graph, "merge_duplicate_pairs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export_qat.run(weights=checkpoints / "qat_best.pt", imgsz=[kit.IMGSZ])
+    assert path.read_bytes() == before
+
+    with monkeypatch.context() as mp:
+        mp.setattr(qat.lint, "lint", lambda p, **kw: [f"{p}: scale 0 is not positive and finite"])
+        with pytest.raises(UserError, match="1 Q/DQ rule violation.*not written.*previous file is kept"):
+            export_qat.run(weights=checkpoints / "qat_best.pt", imgsz=[kit.IMGSZ])
+    assert path.read_bytes() == before
+    assert not [f for f in path.parent.iterdir() if f.name.endswith(".tmp")]
