@@ -9,6 +9,7 @@ import qat_testkit as kit
 from qat.graph import (activations_to_uint8, constants_to_initializers, format_report, import_graph, postprocess,
                        requantize_weights, scale_classes, weight_levels)
 from qat.lint import lint
+from qat.settings import QuantSettings
 
 
 def test_postprocess_of_a_ruled_model_changes_no_scale_and_no_output(tmp_path):
@@ -141,3 +142,40 @@ def test_uint8_rewrite_leaves_a_per_tensor_weight_alone():
     assert inits[by_name["w_q"].input[2]].dtype == np.int8 and inits[by_name["w_dq"].input[2]].dtype == np.int8
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     assert np.array_equal(kit.run_ort(m, x), kit.run_ort(u8, x))
+
+
+@pytest.mark.parametrize("cfg", ["yolov9-c", "gelan-e"])
+def test_dual_head_and_cbfuse_exports(cfg, tmp_path):
+    """yolov9-c (DualDDetect: the main head exported, the auxiliary branch pruned) and gelan-e
+    (CBLinear / CBFuse in the backbone), thin, random weights, small input: after the pass every class
+    agrees. Each CBFuse sum of 3+ addends is one class (the torch rules' one quantizer), so a third
+    addend with another scale is caught by lint and unified by the pass."""
+    from qat.calibrate import calibrate
+    from qat.export import export_qat_onnx
+    from qat.quantize import quantize_model
+    from qat_models import fp32_model
+    from qat_models import images as model_images
+
+    q = quantize_model(fp32_model(cfg), QuantSettings())
+    calibrate(q, [model_images(2, seed=3)], QuantSettings(), show=False)
+    path = export_qat_onnx(q, tmp_path / f"{cfg}.onnx", 64)
+    assert lint(path) == []
+    classes = scale_classes(import_graph(path))
+    assert classes and all(c.agrees() for c in classes)
+    chains = [c for c in classes if sum("/Add" in op for op in c.ops) >= 2 and len(c.pairs) >= 3]
+    if cfg == "yolov9-c":
+        assert not chains  # its CBFuse sits in the auxiliary branch, which the export drops
+        return
+    assert chains, [c.ops for c in classes]
+
+    # give the last addend of one chain its own scale: lint reports the group, the pass unifies it
+    m = onnx.load(str(path))
+    target = chains[0].pairs[-1]
+    for node in m.graph.node:
+        if node.name in (target.q.name, target.dq.name):
+            init = next(t for t in m.graph.initializer if t.name == node.input[1])
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(m, tmp_path / "mismatch.onnx")
+    assert any("scale mismatch" in v for v in lint(tmp_path / "mismatch.onnx"))
+    report = postprocess(tmp_path / "mismatch.onnx", tmp_path / "fixed.onnx")
+    assert report["scale_changes"] and lint(tmp_path / "fixed.onnx") == []
