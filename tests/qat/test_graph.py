@@ -179,3 +179,23 @@ def test_dual_head_and_cbfuse_exports(cfg, tmp_path):
     assert any("scale mismatch" in v for v in lint(tmp_path / "mismatch.onnx"))
     report = postprocess(tmp_path / "mismatch.onnx", tmp_path / "fixed.onnx")
     assert report["scale_changes"] and lint(tmp_path / "fixed.onnx") == []
+
+
+def test_add_chain_of_three_addends_is_one_class():
+    """CBFuse's sum as exported: (a + b) + c, each addend through its own Q/DQ pair. All three pairs
+    must share one scale (one quantizer on the torch side); the partial sum a + b joins them."""
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(np.array(s, np.float32), f"s{i}") for i, s in enumerate((0.1, 0.1, 0.3))]
+    inits.append(numpy_helper.from_array(np.array(0, np.int8), "zp"))
+    nodes = []
+    for i, x in enumerate("abc"):
+        nodes += [helper.make_node("QuantizeLinear", [x, f"s{i}", "zp"], [f"{x}q"], name=f"{x}_q"),
+                  helper.make_node("DequantizeLinear", [f"{x}q", f"s{i}", "zp"], [f"{x}d"], name=f"{x}_dq")]
+    nodes += [helper.make_node("Add", ["ad", "bd"], ["t"], name="/model.16/Add"),
+              helper.make_node("Add", ["t", "cd"], ["y"], name="/model.16/Add_1")]
+    info = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 2, 4, 4]) for x in "abc"]
+    graph = helper.make_graph(nodes, "cbfuse", info, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                    [1, 2, 4, 4])], inits)
+    classes = scale_classes(import_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    assert len(classes) == 1 and len(classes[0].pairs) == 3 and not classes[0].agrees()
