@@ -74,7 +74,7 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
         trusted=False, include=("onnx",), max_batch=None):
     """Export; returns a dict: path, qat, size_mb, qdq counts, graph report, lint violations."""
     from qat.deploy import tensorrt_available
-    from qat.export import export_qat_onnx
+    from qat.export import export_qat_onnx, float_layers
     from qat.graph import format_report, postprocess, qdq_counts
     from qat.lint import lint, summary
     from utils.torch_utils import select_device
@@ -108,7 +108,7 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
             report = postprocess(tmp)
             result["graph"] = report
             LOGGER.info(format_report(report))
-            result["lint"] = lint(tmp)
+            result["lint"] = lint(tmp, float_layers=float_layers(model))  # the checkpoint's settings
             if result["lint"]:
                 for line in result["lint"]:
                     LOGGER.info(f"lint: {line}")

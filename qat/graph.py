@@ -7,7 +7,8 @@ layers only with one scale fall into classes (the same three rules as `qat.rules
 - a Split / Slice / Reshape / Transpose / MaxPool / Resize (Upsample) / Identity / Cast output and
   its input (these ops commute with quantization; TensorRT moves Q/DQ across them);
 - all inputs of a Concat and its output;
-- both inputs of an elementwise Add (the residual shortcut, CBFuse);
+- both inputs of an elementwise Add (the residual shortcut, CBFuse), and a partial sum that only
+  feeds another Add with them (an Add chain: CBFuse's 3+ addends share one scale, as in qat.rules);
 and a QuantizeLinear -> DequantizeLinear pair joins its input and output. Every activation Q/DQ pair
 whose tensor falls into a class with other pairs must carry the class's one scale.
 
@@ -201,6 +202,9 @@ def scale_classes(graph, pairs=None):
         elif n.op in ADD_OPS and len(ins) >= 2:
             for t in ins[1:]:
                 uf.union(ins[0].name, t.name)
+            if outs and outs[0].outputs and all(c.op in ADD_OPS for c in outs[0].outputs) \
+                    and outs[0] not in graph.outputs:
+                uf.union(ins[0].name, outs[0].name)  # a partial sum (CBFuse, 3+ addends): the chain is one class
         if n.op in GROUP_OPS and ins:
             group_ops[ins[0].name].append(n.name)
     for p in pairs:

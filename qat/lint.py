@@ -5,10 +5,11 @@
 Checks: int8 symmetric zero points (int8, all 0); per-tensor activation scales; per-output-channel
 weight scales (axis 0, one per output channel); Q and DQ of a pair carry the same positive scale;
 one scale in every shared-scale group (`qat.graph.scale_classes`: Concat / Add / MaxPool / Resize /
-Split groups and duplicate Q/DQ on one tensor); no Q/DQ on layers that should stay float (the
-`float_layers` the exporter recorded in the file, e.g. the head for --no-last-layer, plus any given
-here) and every other convolution quantized on input and weight; no dangling nodes (outputs nobody
-reads, Q without DQ, DQ without Q, float-to-float Casts left behind).
+Split groups, Add chains and duplicate Q/DQ on one tensor); every convolution quantized on both
+input and weight or on neither, the float ones read from the graph (never from the exporter's
+metadata) and, when the expected float layers are given (--float-layers, --no-last-layer, or the
+checkpoint's settings with --weights), exactly those; no dangling nodes (outputs nobody reads, Q
+without DQ, DQ without Q, float-to-float Casts left behind).
 """
 import argparse
 import re
@@ -61,12 +62,14 @@ def _fmt_scale(s):
 def lint(onnx_path, float_layers=None, expect_qdq=True):
     """Return the list of violations (empty when the file follows every rule).
 
-    float_layers: regexes (re.search on module names) of layers that must stay float, added to the
-    ones the exporter recorded in the file's metadata (`float_layers`)."""
+    Which convolutions run in float is read from the graph (no Q/DQ on input and weight), never from
+    the file's metadata (the exporter's own claim). float_layers: when given (a list of regexes,
+    re.search on module names, e.g. from the checkpoint's settings), the float convolutions of the
+    graph must be exactly those: [] means every convolution must be INT8. None: no such comparison;
+    a convolution quantized on only one of input and weight is always a violation."""
     model = load_model(onnx_path)
-    meta = metadata(model)
-    patterns = list(meta.get("float_layers") or []) + list(float_layers or [])
-    for p in patterns:
+    patterns = None if float_layers is None else list(float_layers)
+    for p in patterns or []:
         try:
             re.compile(p)
         except re.error as e:
@@ -129,23 +132,20 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
             v.append(f"scale mismatch in a shared group{where}: {members}{more}; run qat.graph.postprocess "
                      f"or train with the qat rules")
 
-    # float layers stay float; every other convolution is INT8 on input and weight
-    allowed_float = patterns + list(ALWAYS_FLOAT)
+    # float convolutions, from the graph; compared with the expected ones when given
     for n in graph.nodes:
-        if n.op != "Conv":
+        if n.op != "Conv" or matches(module_name(n), ALWAYS_FLOAT):
             continue
         name = module_name(n)
         q_in, q_w = _dq_of(n.inputs[0]) is not None, len(n.inputs) > 1 and _dq_of(n.inputs[1]) is not None
-        if matches(name, patterns):
-            if q_in or q_w:
-                v.append(f"{n.name}: Q/DQ on layer {name}, which should stay float")
-        elif not matches(name, allowed_float) and not (q_in and q_w):
-            missing = " and ".join(x for x, ok in (("input", q_in), ("weight", q_w)) if not ok)
-            v.append(f"{n.name}: convolution {name} has no Q/DQ on its {missing} (runs in float)")
-    for p in pairs:
-        consumers = list(p.dq.outputs[0].outputs)
-        if consumers and all(c.op == "Conv" and matches(module_name(c), patterns) for c in consumers):
-            v.append(f"{p.name}: Q/DQ feeds only float layer(s) {module_name(consumers[0])}")
+        if q_in != q_w:
+            v.append(f"{n.name}: convolution {name} has Q/DQ on its {'input' if q_in else 'weight'} only "
+                     f"(TensorRT runs it in float; quantize both or neither)")
+        elif patterns is not None and matches(name, patterns) and q_in:
+            v.append(f"{n.name}: Q/DQ on layer {name}, which should stay float")
+        elif patterns is not None and not matches(name, patterns) and not q_in:
+            v.append(f"{n.name}: convolution {name} runs in float (no Q/DQ on input and weight) but is not "
+                     f"one of the float layers {patterns}")
 
     # residual Adds follow the file's --residual-quant placement
     v += _residual_violations(graph, meta.get("residual_quant") or "both", patterns)
@@ -186,33 +186,49 @@ def _residual_violations(graph, placement, float_patterns):
 
 
 def summary(onnx_path):
-    """Counts for a clean file: Q/DQ pairs, groups, INT8 / float convolutions."""
+    """Counts for a clean file: Q/DQ pairs, groups, INT8 / float convolutions, and the module names
+    of the float ones (from the graph)."""
     graph = import_graph(onnx_path)
     pairs = find_pairs(graph)
     convs = [n for n in graph.nodes if n.op == "Conv"]
-    int8 = sum(_dq_of(n.inputs[0]) is not None and _dq_of(n.inputs[1]) is not None for n in convs)
-    return {"pairs": len(pairs), "groups": len(scale_classes(graph, pairs)), "convs": len(convs), "int8_convs": int8}
+    int8 = [_dq_of(n.inputs[0]) is not None and _dq_of(n.inputs[1]) is not None for n in convs]
+    return {"pairs": len(pairs), "groups": len(scale_classes(graph, pairs)), "convs": len(convs),
+            "int8_convs": sum(int8), "float_layers": [module_name(n) for n, q in zip(convs, int8) if not q]}
+
+
+def checkpoint_float_layers(weights):
+    """The float-layer patterns a QAT checkpoint's settings give (skipped layers, --no-last-layer head,
+    quantizers disabled by calibration)."""
+    from qat.checkpoint import load_qat
+    from qat.export import float_layers
+
+    model, _, _ = load_qat(weights)
+    return float_layers(model)
 
 
 def parse_opt(argv=None):
     parser = argparse.ArgumentParser(prog="python -m qat.lint",
                                      description="Check a Q/DQ ONNX against the TensorRT Q/DQ rules")
     parser.add_argument("onnx", help="ONNX model to check")
-    parser.add_argument("--float-layers", nargs="*", default=[],
-                        help="regexes of module names that must stay float (added to the file's metadata)")
+    parser.add_argument("--float-layers", nargs="*", default=None,
+                        help="regexes of the module names that must be float; every other conv must be INT8")
     parser.add_argument("--no-last-layer", action="store_true", help="the detection head must stay float")
+    parser.add_argument("--weights", default=None,
+                        help="QAT checkpoint the file was exported from: its settings say which layers are float")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     def _main():
         opt = parse_opt(argv)
-        patterns = list(opt.float_layers)
+        patterns = None if opt.float_layers is None else list(opt.float_layers)
         if opt.no_last_layer:
             head = metadata(opt.onnx).get("head")
             if not head:
                 raise UserError(f"{opt.onnx} does not record its head layer; pass --float-layers 'model\\.N\\.'")
-            patterns.append(re.escape(head) + r"\.")
+            patterns = (patterns or []) + [re.escape(head) + r"\."]
+        if opt.weights:
+            patterns = (patterns or []) + checkpoint_float_layers(opt.weights)
         violations = lint(opt.onnx, float_layers=patterns)
         if violations:
             for line in violations:
@@ -222,6 +238,9 @@ def main(argv=None):
         s = summary(opt.onnx)
         print(f"{opt.onnx}: ok ({s['pairs']} Q/DQ pairs, {s['groups']} shared-scale groups, "
               f"{s['int8_convs']}/{s['convs']} convolutions INT8)")
+        if s["float_layers"]:
+            print(f"float in the graph: {', '.join(s['float_layers'][:20])}"
+                  + (f" and {len(s['float_layers']) - 20} more" if len(s["float_layers"]) > 20 else ""))
         return 0
 
     raise SystemExit(run_cli(_main))

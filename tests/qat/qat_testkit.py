@@ -130,6 +130,8 @@ def _onnx(kind):
         postprocess(path)
     elif kind == "qat_w7":
         export_qat_onnx(_qat(weight_bits=7), path, IMGSZ, batch_size=2)
+    elif kind == "qat_nll":  # --no-last-layer: the head in float
+        export_qat_onnx(_qat(no_last_layer=True), path, IMGSZ, batch_size=2)
     elif kind == "e2e_onnx":
         export_qat_onnx(_qat(), path, IMGSZ, batch_size=2, end2end=True, nms="onnx", conf_thres=0.25)
     elif kind == "e2e_trt":  # the plugin node does not depend on quantization: the fast FP32 model
@@ -140,7 +142,7 @@ def _onnx(kind):
 
 
 def onnx_path(kind, dest=None):
-    """Path of an export of kind fp32 | qat_raw | qat | qat_w7 | e2e_onnx | e2e_trt, built once per
+    """Path of an export of kind fp32 | qat_raw | qat | qat_w7 | qat_nll | e2e_onnx | e2e_trt, built once per
     process; copied into the folder `dest` when given (for a test that changes the file)."""
     p = _onnx(kind)
     if dest is None:

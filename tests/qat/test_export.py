@@ -1,5 +1,6 @@
 """qat.export and export_qat.py: Q/DQ ONNX that lints clean and computes what the fake-quant model does."""
 import re
+from pathlib import Path
 
 import onnx
 import pytest
@@ -23,7 +24,7 @@ def test_qat_export_lints_clean_and_records_metadata():
     assert lint(path) == []
     meta = metadata(path)
     assert meta["qat"] == 1 and meta["imgsz"] == [kit.IMGSZ, kit.IMGSZ] and meta["strides"] == [8, 16, 32]
-    assert list(meta["names"].values()) == kit.NAMES
+    assert meta["names"] == kit.NAMES
     s = summary(path)
     assert s["int8_convs"] == s["convs"] - 1  # every convolution but the DFL's fixed one
     assert qdq_counts(path)["QuantizeLinear"] > 2 * s["int8_convs"] - 1
@@ -110,8 +111,8 @@ def test_export_qat_cli_no_last_layer_leaves_head_float(checkpoints):
     assert not any(dq(n.inputs[0]) or dq(n.inputs[1]) for n in head)
     assert all(dq(n.inputs[0]) and dq(n.inputs[1]) for n in body)
     assert any(re.search(p, "model.12.cv2.0.0.conv") for p in metadata(path)["float_layers"])
-    # the same file linted as if the head had to be quantized: every head conv is reported float
-    assert len(lint(path, float_layers=[])) == 0
+    # the same file linted as if the head had to be quantized: every float head conv is reported
+    assert len(lint(path, float_layers=[])) == 18 and lint(path) == []
     full = kit.onnx_path("qat")
     assert sum("should stay float" in v for v in lint(full, float_layers=[r"^model\.12\."])) == 18
 
@@ -136,3 +137,31 @@ def test_export_qat_bad_input(checkpoints, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --imgsz 65")
+
+
+def test_export_qat_never_replaces_a_good_file_with_a_rejected_one(checkpoints, monkeypatch):
+    """Interrupted in the graph pass (Ctrl-C / kill mid-export) or rejected by lint: the previous good
+    file keeps the final name and no temporary file is left."""
+    import export_qat
+    import qat.graph
+    import qat.lint
+
+    good = export_qat.run(weights=checkpoints / "qat_best.pt", imgsz=[kit.IMGSZ])
+    path = Path(good["path"])
+    before = path.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(qat.graph, "merge_duplicate_pairs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export_qat.run(weights=checkpoints / "qat_best.pt", imgsz=[kit.IMGSZ])
+    assert path.read_bytes() == before
+
+    with monkeypatch.context() as mp:
+        mp.setattr(qat.lint, "lint", lambda p, **kw: [f"{p}: scale 0 is not positive and finite"])
+        with pytest.raises(UserError, match="1 Q/DQ rule violation.*not written.*previous file is kept"):
+            export_qat.run(weights=checkpoints / "qat_best.pt", imgsz=[kit.IMGSZ])
+    assert path.read_bytes() == before
+    assert not [f for f in path.parent.iterdir() if f.name.endswith(".tmp")]

@@ -9,6 +9,7 @@ import qat_testkit as kit
 from qat.deploy.openvino import activations_to_uint8, requantize_weights, weight_levels
 from qat.graph import constants_to_initializers, format_report, import_graph, postprocess, scale_classes
 from qat.lint import lint
+from qat.settings import QuantSettings
 
 
 def test_postprocess_of_a_ruled_model_changes_no_scale_and_no_output(tmp_path):
@@ -156,3 +157,60 @@ def test_written_onnx_has_the_usual_mode(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "pp.onnx").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("cfg", ["yolov9-c", "gelan-e"])
+def test_dual_head_and_cbfuse_exports(cfg, tmp_path):
+    """yolov9-c (DualDDetect: the main head exported, the auxiliary branch pruned) and gelan-e
+    (CBLinear / CBFuse in the backbone), thin, random weights, small input: after the pass every class
+    agrees. Each CBFuse sum of 3+ addends is one class (the torch rules' one quantizer), so a third
+    addend with another scale is caught by lint and unified by the pass."""
+    from qat.calibrate import calibrate
+    from qat.export import export_qat_onnx
+    from qat.quantize import quantize_model
+    from qat_models import fp32_model
+    from qat_models import images as model_images
+
+    q = quantize_model(fp32_model(cfg), QuantSettings())
+    calibrate(q, [model_images(2, seed=3)], QuantSettings(), show=False)
+    path = export_qat_onnx(q, tmp_path / f"{cfg}.onnx", 64)
+    assert lint(path) == []
+    classes = scale_classes(import_graph(path))
+    assert classes and all(c.agrees() for c in classes)
+    chains = [c for c in classes if sum("/Add" in op for op in c.ops) >= 2 and len(c.pairs) >= 3]
+    if cfg == "yolov9-c":
+        assert not chains  # its CBFuse sits in the auxiliary branch, which the export drops
+        return
+    assert chains, [c.ops for c in classes]
+
+    # give the last addend of one chain its own scale: lint reports the group, the pass unifies it
+    m = onnx.load(str(path))
+    target = chains[0].pairs[-1]
+    for node in m.graph.node:
+        if node.name in (target.q.name, target.dq.name):
+            init = next(t for t in m.graph.initializer if t.name == node.input[1])
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(m, tmp_path / "mismatch.onnx")
+    assert any("scale mismatch" in v for v in lint(tmp_path / "mismatch.onnx"))
+    report = postprocess(tmp_path / "mismatch.onnx", tmp_path / "fixed.onnx")
+    assert report["scale_changes"] and lint(tmp_path / "fixed.onnx") == []
+
+
+def test_add_chain_of_three_addends_is_one_class():
+    """CBFuse's sum as exported: (a + b) + c, each addend through its own Q/DQ pair. All three pairs
+    must share one scale (one quantizer on the torch side); the partial sum a + b joins them."""
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(np.array(s, np.float32), f"s{i}") for i, s in enumerate((0.1, 0.1, 0.3))]
+    inits.append(numpy_helper.from_array(np.array(0, np.int8), "zp"))
+    nodes = []
+    for i, x in enumerate("abc"):
+        nodes += [helper.make_node("QuantizeLinear", [x, f"s{i}", "zp"], [f"{x}q"], name=f"{x}_q"),
+                  helper.make_node("DequantizeLinear", [f"{x}q", f"s{i}", "zp"], [f"{x}d"], name=f"{x}_dq")]
+    nodes += [helper.make_node("Add", ["ad", "bd"], ["t"], name="/model.16/Add"),
+              helper.make_node("Add", ["t", "cd"], ["y"], name="/model.16/Add_1")]
+    info = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 2, 4, 4]) for x in "abc"]
+    graph = helper.make_graph(nodes, "cbfuse", info, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                    [1, 2, 4, 4])], inits)
+    classes = scale_classes(import_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    assert len(classes) == 1 and len(classes[0].pairs) == 3 and not classes[0].agrees()

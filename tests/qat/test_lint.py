@@ -1,12 +1,14 @@
 """qat.lint: every rule flags its violation; a clean export passes; the CLI exits 1 / 0 / 2."""
+import json
+
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
 import qat_testkit as kit
-from qat.graph import constants_to_initializers
-from qat.lint import lint, main
+from qat.graph import constants_to_initializers, metadata
+from qat.lint import lint, main, summary
 
 
 def _model():
@@ -74,12 +76,30 @@ def test_float_layers_must_stay_float_and_the_rest_int8(tmp_path):
     # a float model checked as QAT: no Q/DQ at all
     assert lint(kit.onnx_path("fp32")) == ["no QuantizeLinear/DequantizeLinear nodes: a float model, not a QAT "
                                            "export"]
-    # one conv left without its input Q/DQ: reported as running in float
+    # one conv left without its input Q/DQ: quantized on the weight only, always a violation
     m = _model()
     conv = _first(m, "Conv")
     producer = {o: n for n in m.graph.node for o in n.output}[conv.input[0]]
     conv.input[0] = {o: n for n in m.graph.node for o in n.output}[producer.input[0]].input[0]
-    assert any("runs in float" in s and "model.0.conv" in s for s in _lint(m, tmp_path))
+    assert any("on its weight only" in s and "model.0.conv" in s for s in _lint(m, tmp_path))
+
+
+def test_float_layers_come_from_the_graph_not_the_metadata(tmp_path):
+    """A --no-last-layer export records its head as float in its metadata; lint reads the float
+    convolutions from the graph and, given the expected ones, compares: the file's own claim is no
+    evidence (an exporter that wrote a wrong claim, or a file edited after export, is caught)."""
+    head = kit.onnx_path("qat_nll")
+    claim = metadata(head)["float_layers"]
+    assert claim and summary(head)["float_layers"]  # the head convs are float in the graph
+    assert lint(head) == []  # no expectation: a clean file with float layers
+    assert lint(head, float_layers=claim) == []  # as the checkpoint's settings say
+    v = lint(head, float_layers=[])  # expected all INT8: every float head conv is reported
+    assert len(v) == len(summary(head)["float_layers"]) - 1 and all("runs in float" in s for s in v)  # - the DFL
+    # a fully quantized file whose metadata claims the head is float: the claim changes nothing
+    m = onnx.load(str(kit.onnx_path("qat")))
+    next(p for p in m.metadata_props if p.key == "float_layers").value = json.dumps(claim)
+    assert _lint(m, tmp_path) == []
+    assert sum("should stay float" in s for s in lint(kit.onnx_path("qat"), float_layers=claim)) == 18
 
 
 def test_cli_exit_codes(tmp_path, capsys):
