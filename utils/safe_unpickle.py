@@ -153,7 +153,10 @@ def materialize(obj, classes, _memo=None):
         out.extend(materialize(v, classes, memo) for v in obj)
         return out
     if isinstance(obj, (tuple, set, frozenset)):
-        return type(obj)(materialize(v, classes, memo) for v in obj)
+        items = [materialize(v, classes, memo) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj  # nothing replaced (torch.Size, plain tuples of numbers)
+        return type(obj)(items) if type(obj) in (tuple, set, frozenset) else tuple(items)
     if isinstance(obj, argparse.Namespace):
         return argparse.Namespace(**materialize(vars(obj), classes, memo))
     return obj  # tensors, numpy values, numbers, strings, paths, dtypes, devices
