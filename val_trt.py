@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from qat.compat import UserError, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
+from qat.compat import UserError, atomic_output, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
 from utils.cli import ArgumentParser, imgsz_int, nonneg_float, nonneg_int, positive_int, probability  # noqa: E402
 from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path, print_args  # noqa: E402
 
@@ -191,7 +191,7 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
     for c in checkpoints:
         for label, model in _pytorch_rows(c, dev, trusted):
             rows.append(evaluate(label + (f" {c.name}" if len(checkpoints) > 1 else ""), f"torch {dev.type}", model))
-    ref_name, delta, extra, deployed = None, None, [], None
+    ref_name, delta, extra, deployed, engine_report = None, None, [], None, None
     for path, meta, quantized in deployables:
         deployed = load_backend(backend, path, threads=threads, vnni=_vnni(vnni))
         static_batch = deployed.batch
@@ -231,7 +231,8 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
     table = format_table(rows, ref)
     models = ", ".join(f.name for f in checkpoints + files)
     text = "\n".join([f"# val_trt: {models} on {Path(str(data.get(task)))}", "", table, ""] + extra) + "\n"
-    (save_dir / "results.md").write_text(text)
+    with atomic_output(save_dir / "results.md") as tmp:
+        tmp.write_text(text)
     result = {"rows": rows, "reference": ref_name, "deployed_delta": delta, "backend": backend if files else None,
               "model": str(files[-1] if files else checkpoints[-1]), "models": [str(f) for f in checkpoints + files],
               "imgsz": imgsz, "batch_size": batch_size}
@@ -239,7 +240,8 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
         result["cpu"] = getattr(deployed, "cpu", None)
     if engine_report:
         result["engine_report"] = {k: v for k, v in engine_report.items() if k != "per_layer"}
-    (save_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    with atomic_output(save_dir / "results.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1, default=str))
     LOGGER.info("\n" + table + "\n" + "\n".join(extra) + f"\nResults saved to {colorstr('bold', save_dir)}")
     return result
 
