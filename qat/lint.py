@@ -148,7 +148,7 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
                      f"one of the float layers {patterns}")
 
     # residual Adds follow the file's --residual-quant placement
-    v += _residual_violations(graph, meta.get("residual_quant") or "both", patterns)
+    v += _residual_violations(graph, metadata(model).get("residual_quant") or "both", patterns)
 
     # dangling nodes and leftovers
     outputs = set(id(t) for t in graph.outputs)
