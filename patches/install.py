@@ -6,7 +6,8 @@
     python patches/install.py /path/to/yolov9 --uninstall  # restore the original files, remove ours
 
 Copies INSTALL_ITEMS and INSTALL_DATA (as they are in this checkout now) into the clone, plus any of
-our own helper modules they import that the clone lacks, and requirements-qat.txt (our extra packages), and hooks `--qat` into the clone's train.py with two small
+our own helper modules they import that the clone lacks and requirements-qat.txt (our packages),
+and hooks `--qat` into the clone's train.py with two small
 insertions located by anchor text (HOOKS), never by line number. Every import of the installed
 files from the clone's `models`/`utils`/... is checked against the clone's own sources first: a
 name the clone does not define would crash at run time, so it stops the install instead.

@@ -144,7 +144,8 @@ def test_known_upstream_breakages_are_one_line_before_a_run(clone, tmp_path):
     guarded = ("        try:\n            torch.hub.download_url_to_file(url, str(file), progress=progress)\n"
                "        except Exception as e:")
     assert text.count(guarded) == 1
-    text = text.replace(guarded, "        torch.hub.download_url_to_file(url, str(file), progress=progress)\n        if 0:")
+    text = text.replace(guarded, "        torch.hub.download_url_to_file(url, str(file), progress=progress)\n"
+                                 "        if 0:")
     general.write_text("import pkg_resources as pkg\n" + text, encoding="utf-8")
     fonts = tmp_path / "config"  # upstream's config folder (YOLOV5_CONFIG_DIR), without the font
     fonts.mkdir()
@@ -196,8 +197,8 @@ def test_clone_flow_end_to_end_then_uninstall_restores_every_byte(clone, tmp_pat
 
     if missing:
         pytest.skip(f"upstream train.py needs {', '.join(missing)} (pip install -r requirements-test.txt)")
-    r = run_in(clone.root, "train.py", "--qat", "--weights", "weights/demo-gelan.pt", "--cfg", "models/detect/gelan-t.yaml",
-               "--data", data, "--hyp", "data/hyps/hyp.scratch-high.yaml", "--imgsz", 320, "--batch-size", 4,
+    r = run_in(clone.root, "train.py", "--qat", "--weights", "weights/demo-gelan.pt",
+               "--cfg", "models/detect/gelan-t.yaml", "--data", data, "--hyp", "data/hyps/hyp.scratch-high.yaml", "--imgsz", 320, "--batch-size", 4,
                "--epochs", 1, "--device", "cpu", "--workers", 0, "--project", runs, "--name", "t")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (runs / "t" / "weights" / "qat_best.pt").is_file() and "| QAT |" in r.stdout + r.stderr
