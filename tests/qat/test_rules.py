@@ -1,7 +1,9 @@
 """qat.rules + qat.quantize: the shared-scale groups of DESIGN.md section 3 on the real configs.
 
 Each group shares ONE quantizer object (so calibration gives one amax); the members are checked
-concretely per block type, and a user's own yaml with another arrangement is covered as well."""
+concretely per block type, and a user's own yaml with another arrangement is covered as well.
+The block tests at the end quantize single blocks from scratch and compare every group with one
+written by hand, negatives included, so an over-merging or a missing rule fails them."""
 import warnings
 
 import pytest
@@ -42,24 +44,29 @@ def _check_blocks(model):
             q = m.cat_quantizer
             assert q is _iq(m.cv4) and q is _iq(m.cv2[0].cv1) and q is _iq(m.cv2[0].cv2)
             assert q is _iq(m.cv3[0].cv1) and q is _iq(m.cv3[0].cv2)
+            assert q is not _iq(m.cv1) and q is not m.cv2[0].cat_quantizer  # negative: never one scale for all
             seen.add("RepNCSPELAN4")
         elif isinstance(m, ELAN1):
             assert m.cat_quantizer is _iq(m.cv4) and m.cat_quantizer is _iq(m.cv2) and m.cat_quantizer is _iq(m.cv3)
+            assert m.cat_quantizer is not _iq(m.cv1)
             seen.add("ELAN1")
         elif isinstance(m, RepNCSP):
             assert m.cat_quantizer is _iq(m.cv3)
             assert _iq(m.cv1) is _iq(m.cv2)  # one tensor read by two convolutions
+            assert m.cat_quantizer is not _iq(m.cv1)
             seen.add("RepNCSP")
         elif isinstance(m, RepNBottleneck) and m.add:
-            assert m.add_quantizer is _iq(m.cv1.conv)
+            assert m.add_quantizer is _iq(m.cv1.conv) and m.add_quantizer is not _iq(m.cv2)
             seen.add("RepNBottleneck")
         elif isinstance(m, ADown):
             q = m.pool_quantizer
             assert q is _iq(m.cv1) and q is m.maxpool_quantizer and q is _iq(m.cv2)
+            assert q is not m.cat_quantizer  # the block's output is another tensor
             seen.add("ADown")
         elif isinstance(m, SPPELAN):
             q = m.cat_quantizer
             assert q is _iq(m.cv5) and all(q is sp.m.input_quantizer for sp in (m.cv2, m.cv3, m.cv4))
+            assert q is not _iq(m.cv1)
             seen.add("SPPELAN")
     for i, m in enumerate(layers):
         if isinstance(m, Concat):  # neck: Upsample input, both Concat inputs, the consumer's input
@@ -272,31 +279,32 @@ def test_blocks_in_a_row_keep_their_own_groups():
 
 
 class _CBFuseNet(nn.Module):
-    """gelan-e / yolov9-e routing in miniature: two CBLinear (at two levels, split into two outputs
-    each) and an auxiliary branch of ADown blocks; each CBFuse adds three addends (two resized
-    CBLinear slices + the ADown output); an ELAN1 and a Conv consume the sums."""
+    """gelan-e / yolov9-e routing in miniature (its layers 10, 11, 16, 18): CBLinear l1 with one
+    output, l2 (one level down) split in two; an auxiliary branch of ADown blocks. f1 adds three
+    addends (l1's, l2's first slice, resized, and an ADown output), f2 two (l2's second slice and the
+    next ADown output); an ELAN1 and a Conv consume the sums."""
 
     def __init__(self, c=C):
         super().__init__()
-        self.l1 = CBLinear(c, [c, c])
+        self.l1 = CBLinear(c, [c])
         self.d1 = Conv(c, c, 3, 2)
         self.l2 = CBLinear(c, [c, c])
         self.a1 = ADown(c, c)
         self.f1 = CBFuse([0, 0])
         self.e = ELAN1(c, c, c, c // 2)
         self.a2 = ADown(c, c)
-        self.f2 = CBFuse([1, 1])
+        self.f2 = CBFuse([1])
         self.out = Conv(c, c, 1)
 
     def forward(self, x):
         l1, l2 = self.l1(x), self.l2(self.d1(x))
         y = self.e(self.f1([l1, l2, self.a1(x)]))
-        return self.out(self.f2([l1, l2, self.a2(y)]))
+        return self.out(self.f2([l2, self.a2(y)]))
 
 
 def test_cbfuse_groups():
-    """All addends of a CBFuse sum: one scale. The CBLinear outputs are split across levels, so both
-    sums are one group, with each ADown concat that produces a last addend. The sum itself is a new
+    """All addends of a CBFuse sum: one scale. l2's output is split across both sums, so both sums
+    are one group, with each ADown concat that produces a last addend. The sum itself is a new
     tensor: the ELAN1 / Conv reading it, and the CBLinear inputs, are not in that group."""
     groups = _groups(_CBFuseNet(), _x(s=32))
     assert groups == {
