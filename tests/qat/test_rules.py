@@ -1,13 +1,18 @@
 """qat.rules + qat.quantize: the shared-scale groups of DESIGN.md section 3 on the real configs.
 
 Each group shares ONE quantizer object (so calibration gives one amax); the members are checked
-concretely per block type, and a user's own yaml with another arrangement is covered as well."""
+concretely per block type, and a user's own yaml with another arrangement is covered as well.
+The block tests at the end quantize single blocks from scratch and compare every group with one
+written by hand, negatives included, so an over-merging or a missing rule fails them."""
 import warnings
 
 import pytest
 import torch
 
-from models.common import ADown, CBFuse, Concat, ELAN1, RepNBottleneck, RepNCSP, RepNCSPELAN4, SPPELAN
+import torch.nn as nn
+
+from models.common import (ADown, CBFuse, CBLinear, Concat, Conv, ELAN1, RepConvN, RepNBottleneck, RepNCSP,
+                           RepNCSPELAN4, SPPELAN)
 from qat.calibrate import calibrate
 from qat.modules import QuantConv2d, QuantUpsample, WeightQuantizer
 from qat.quantize import quantize_model, quantizer_summary
@@ -39,24 +44,29 @@ def _check_blocks(model):
             q = m.cat_quantizer
             assert q is _iq(m.cv4) and q is _iq(m.cv2[0].cv1) and q is _iq(m.cv2[0].cv2)
             assert q is _iq(m.cv3[0].cv1) and q is _iq(m.cv3[0].cv2)
+            assert q is not _iq(m.cv1) and q is not m.cv2[0].cat_quantizer  # negative: never one scale for all
             seen.add("RepNCSPELAN4")
         elif isinstance(m, ELAN1):
             assert m.cat_quantizer is _iq(m.cv4) and m.cat_quantizer is _iq(m.cv2) and m.cat_quantizer is _iq(m.cv3)
+            assert m.cat_quantizer is not _iq(m.cv1)
             seen.add("ELAN1")
         elif isinstance(m, RepNCSP):
             assert m.cat_quantizer is _iq(m.cv3)
             assert _iq(m.cv1) is _iq(m.cv2)  # one tensor read by two convolutions
+            assert m.cat_quantizer is not _iq(m.cv1)
             seen.add("RepNCSP")
         elif isinstance(m, RepNBottleneck) and m.add:
-            assert m.add_quantizer is _iq(m.cv1.conv)
+            assert m.add_quantizer is _iq(m.cv1.conv) and m.add_quantizer is not _iq(m.cv2)
             seen.add("RepNBottleneck")
         elif isinstance(m, ADown):
             q = m.pool_quantizer
             assert q is _iq(m.cv1) and q is m.maxpool_quantizer and q is _iq(m.cv2)
+            assert q is not m.cat_quantizer  # the block's output is another tensor
             seen.add("ADown")
         elif isinstance(m, SPPELAN):
             q = m.cat_quantizer
             assert q is _iq(m.cv5) and all(q is sp.m.input_quantizer for sp in (m.cv2, m.cv3, m.cv4))
+            assert q is not _iq(m.cv1)
             seen.add("SPPELAN")
     for i, m in enumerate(layers):
         if isinstance(m, Concat):  # neck: Upsample input, both Concat inputs, the consumer's input
@@ -169,3 +179,160 @@ def test_no_last_layer_and_skip_layers():
     assert q.model[12].cv1.conv.input_quantizer is not q.model[10].input_quantizer
     calibrate(q, [images(1)], show=False)
     assert all(quantizer.amax is None for name, _, _, quantizer in quantizer_slots(q) if name.startswith(head))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hand-checked groups, block by block (DESIGN.md section 3). The model is quantized from scratch, so
+# the groups come from tracing separate quantizers: a wrong rule changes them. Each EXPECTED lists
+# every group with more than one member; every other activation quantizer must be alone.
+
+C = 8  # channels of the block tests
+
+
+def _fused(module):
+    """Fold BN and reparameterize RepConvN, as attempt_load does for a whole model."""
+    for m in module.modules():
+        if isinstance(m, RepConvN):
+            m.fuse_convs()
+        elif isinstance(m, Conv):
+            m.fuse()
+    return module.eval()
+
+
+def _groups(module, example, **settings):
+    """quantize_model's groups (slot names) as a set of frozensets; checks that each group really
+    is one quantizer object and that no quantizer is shared outside the groups."""
+    q = quantize_model(_fused(module), QuantSettings(**settings), example=example)
+    groups = {frozenset(g) for g in q.qat["groups"]}
+    slots = {name: quantizer for name, _, _, quantizer in quantizer_slots(q)}
+    grouped = {n for g in groups for n in g}
+    for g in groups:
+        assert len({id(slots[n]) for n in g}) == 1, sorted(g)
+    alone = [n for n in slots if n not in grouped]
+    assert len({id(slots[n]) for n in alone}) == len(alone)  # every other slot has its own quantizer
+    return groups
+
+
+def _x(c=C, s=16):
+    return torch.rand(1, c, s, s, generator=torch.Generator().manual_seed(0))
+
+
+def test_elan1_groups():
+    """cv1's output halves, cv2 / cv3 outputs (= cv2 / cv3 inputs) and cv4's input: one scale.
+    cv1's input is the block's input: a scale of its own."""
+    groups = _groups(ELAN1(C, C, C, C // 2), _x())
+    assert groups == {frozenset({"cat_quantizer", "cv2.conv.input_quantizer", "cv3.conv.input_quantizer",
+                                 "cv4.conv.input_quantizer"})}
+    assert not any("cv1.conv.input_quantizer" in g for g in groups)  # negative: not with cv4's input
+
+
+@pytest.mark.parametrize("residual_quant", ["both", "shortcut"])
+def test_repncspelan4_groups(residual_quant):
+    """The ELAN concat (cv1 halves, cv2/cv3 outputs, cv4 input), which also holds both RepNCSP's
+    cv1/cv2 inputs (they read a concat member); inside each RepNCSP its own concat + cv3 input, and
+    the bottleneck's shortcut with its cv1 input. The bottleneck's cv2 input and the Conv after each
+    RepNCSP read tensors nobody else reads: alone."""
+    groups = _groups(RepNCSPELAN4(C, C, C, C // 2, 1), _x(), residual_quant=residual_quant)
+    assert groups == {
+        frozenset({"cat_quantizer", "cv4.conv.input_quantizer",
+                   "cv2.0.cv1.conv.input_quantizer", "cv2.0.cv2.conv.input_quantizer",
+                   "cv3.0.cv1.conv.input_quantizer", "cv3.0.cv2.conv.input_quantizer"}),
+        frozenset({"cv2.0.cat_quantizer", "cv2.0.cv3.conv.input_quantizer"}),
+        frozenset({"cv3.0.cat_quantizer", "cv3.0.cv3.conv.input_quantizer"}),
+        frozenset({"cv2.0.m.0.add_quantizer", "cv2.0.m.0.cv1.conv.input_quantizer"}),
+        frozenset({"cv3.0.m.0.add_quantizer", "cv3.0.m.0.cv1.conv.input_quantizer"}),
+    }
+
+
+def test_adown_groups():
+    """Quantized once after the avg-pool: both halves carry that scale, so cv1's input, the MaxPool
+    input and cv2's input (MaxPool commutes with quantization) are one group. The concat of the two
+    results is the block's output: its quantizer belongs to whatever reads the block (here nothing)."""
+    groups = _groups(ADown(C, C), _x())
+    assert groups == {frozenset({"pool_quantizer", "cv1.conv.input_quantizer", "maxpool_quantizer",
+                                 "cv2.conv.input_quantizer"})}
+    assert not any("cat_quantizer" in g for g in groups)
+
+
+def test_sppelan_groups():
+    """cv1's output, the three chained max pools, the concat of four and cv5's input: one scale;
+    cv1's input is separate."""
+    groups = _groups(SPPELAN(C, C, C // 2), _x())
+    assert groups == {frozenset({"cat_quantizer", "cv2.m.input_quantizer", "cv3.m.input_quantizer",
+                                 "cv4.m.input_quantizer", "cv5.conv.input_quantizer"})}
+
+
+def test_blocks_in_a_row_keep_their_own_groups():
+    """Negative case across blocks: ELAN1 -> ADown -> SPPELAN. Each block's internal group stays its
+    own; the only group that crosses a boundary is ADown's concat with SPPELAN's cv1 input (a tensor
+    read where it is made). ELAN1's output enters ADown through the avg-pool (a new tensor)."""
+    groups = _groups(nn.Sequential(ELAN1(C, C, C, C // 2), ADown(C, C), SPPELAN(C, C, C // 2)), _x())
+    assert groups == {
+        frozenset({"0.cat_quantizer", "0.cv2.conv.input_quantizer", "0.cv3.conv.input_quantizer",
+                   "0.cv4.conv.input_quantizer"}),
+        frozenset({"1.pool_quantizer", "1.cv1.conv.input_quantizer", "1.maxpool_quantizer",
+                   "1.cv2.conv.input_quantizer"}),
+        frozenset({"1.cat_quantizer", "2.cv1.conv.input_quantizer"}),
+        frozenset({"2.cat_quantizer", "2.cv2.m.input_quantizer", "2.cv3.m.input_quantizer",
+                   "2.cv4.m.input_quantizer", "2.cv5.conv.input_quantizer"}),
+    }
+
+
+class _CBFuseNet(nn.Module):
+    """gelan-e / yolov9-e routing in miniature (its layers 10, 11, 16, 18): CBLinear l1 with one
+    output, l2 (one level down) split in two; an auxiliary branch of ADown blocks. f1 adds three
+    addends (l1's, l2's first slice, resized, and an ADown output), f2 two (l2's second slice and the
+    next ADown output); an ELAN1 and a Conv consume the sums."""
+
+    def __init__(self, c=C):
+        super().__init__()
+        self.l1 = CBLinear(c, [c])
+        self.d1 = Conv(c, c, 3, 2)
+        self.l2 = CBLinear(c, [c, c])
+        self.a1 = ADown(c, c)
+        self.f1 = CBFuse([0, 0])
+        self.e = ELAN1(c, c, c, c // 2)
+        self.a2 = ADown(c, c)
+        self.f2 = CBFuse([1])
+        self.out = Conv(c, c, 1)
+
+    def forward(self, x):
+        l1, l2 = self.l1(x), self.l2(self.d1(x))
+        y = self.e(self.f1([l1, l2, self.a1(x)]))
+        return self.out(self.f2([l2, self.a2(y)]))
+
+
+def test_cbfuse_groups():
+    """All addends of a CBFuse sum: one scale. l2's output is split across both sums, so both sums
+    are one group, with each ADown concat that produces a last addend. The sum itself is a new
+    tensor: the ELAN1 / Conv reading it, and the CBLinear inputs, are not in that group."""
+    groups = _groups(_CBFuseNet(), _x(s=32))
+    assert groups == {
+        frozenset({"f1.add_quantizer", "f2.add_quantizer", "a1.cat_quantizer", "a2.cat_quantizer"}),
+        frozenset({"l1.conv.input_quantizer", "d1.conv.input_quantizer"}),  # one tensor, two convolutions
+        frozenset({"a1.pool_quantizer", "a1.cv1.conv.input_quantizer", "a1.maxpool_quantizer",
+                   "a1.cv2.conv.input_quantizer"}),
+        frozenset({"a2.pool_quantizer", "a2.cv1.conv.input_quantizer", "a2.maxpool_quantizer",
+                   "a2.cv2.conv.input_quantizer"}),
+        frozenset({"e.cat_quantizer", "e.cv2.conv.input_quantizer", "e.cv3.conv.input_quantizer",
+                   "e.cv4.conv.input_quantizer"}),
+    }
+
+
+class _PlainAdd(nn.Module):
+    """An elementwise Add no quantized block owns (a user's own module of plain convolutions): both
+    addends are also read by convolutions, whose input quantizers must then share the Add's scale."""
+
+    def __init__(self, c=C):
+        super().__init__()
+        self.cv1, self.cv2, self.cv3, self.cv4 = (Conv(c, c, 3, 1) for _ in range(4))
+
+    def forward(self, x):
+        a = self.cv1(x)
+        b = self.cv2(a)
+        return self.cv4(a + b), self.cv3(b)
+
+
+def test_plain_add_joins_its_inputs():
+    groups = _groups(_PlainAdd(), _x())
+    assert groups == {frozenset({"cv2.conv.input_quantizer", "cv3.conv.input_quantizer"})}
