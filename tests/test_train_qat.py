@@ -123,7 +123,7 @@ def test_bad_input_one_line(tiny, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "train_qat.py"), "--calib-method", "minmax"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
-    assert p.returncode == 2 and lines == ["error: --calib-method 'minmax' is unknown: use one of max, percentile, "
+    assert p.returncode == 2 and lines == ["error: --calib-method 'minmax' is unknown: use one of auto, max, percentile, "
                                            "mse, entropy"], p.stderr[-2000:]
 
 
