@@ -259,7 +259,8 @@ def make_loaders(data, imgsz, stride, opt, hyp, rank=-1):
 
     def train_split(aug, prefix):
         return create_dataloader(data["train"], imgsz, bs, stride, hyp=hyp, augment=aug, rect=False, rank=rank,
-                                 workers=opt.workers, shuffle=True, prefix=colorstr(prefix))[0]
+                                 workers=opt.workers, shuffle=True, prefix=colorstr(prefix),
+                                 seed=int(getattr(opt, "seed", 0)))[0]  # --seed: calibration sample, data order
 
     train = train_split(augment, "train: ")
     calib = train_split(False, "calibration: ") if augment else train
