@@ -188,7 +188,7 @@ def parse_opt(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES), help="none: PTQ only")
     p.add_argument("--val-images", type=int, default=0, help="first N val images (0: all)")
     p.add_argument("--calib-batches", type=int, default=32)
     p.add_argument("--select-images", type=int, default=200)
