@@ -387,6 +387,8 @@ def best_note(path):
         return ""
     ckpt = load_checkpoint(path)
     epoch, iteration = int(ckpt.get("epoch", 0)), int(ckpt.get("iteration", 0))
+    if not (epoch or iteration) and "history" not in ckpt:
+        return "qat_best.pt: the PTQ (calibrated) model (--epochs 0)"
     if not (epoch or iteration):
         return "qat_best.pt: the PTQ (calibrated) model: no QAT evaluation beat its mAP50-95 on the selection split"
     where = f"epoch {epoch}" + (f", iteration {iteration}" if iteration else " (end)")
