@@ -87,14 +87,17 @@ def run_case(case, seed, opt, data, work):
                               name=f"{case}-ptq-{method}-s{seed}")
         if "FP32" in r["rows"]:
             rows["FP32"] = _metrics(r["rows"]["FP32"])
-        label = f"PTQ {method}" + (f" ({r['settings'].calib_method})" if method == "auto" else "")
-        rows[f"PTQ {method}"] = {**_metrics(r["rows"]["PTQ"]), "label": label}
+        row = _metrics(r["rows"]["PTQ"])
+        if method == "auto":  # which rule the selection split chose
+            st = r["settings"]
+            row["chosen"] = f"percentile {st.percentile:g}" if st.calib_method == "percentile" else st.calib_method
+        rows[f"PTQ {method}"] = row
     for recipe in opt.recipes:
         name = f"{case}-qat-{recipe}-s{seed}"
         r = train_qat.run_api(**base, calib_method="auto", recipe=recipe, epochs=opt.epochs,
                               iters_per_epoch=opt.iters_per_epoch, eval_period=opt.eval_period, no_eval_origin=True,
                               name=name)
-        rows[f"QAT {recipe}"] = {**_metrics(r["rows"]["QAT"]), "step": r["rows"]["QAT"].get("step", 0)}
+        rows[f"QAT {recipe}"] = {**_metrics(r["rows"]["QAT"]), "chosen": f"step {r['rows']['QAT'].get('step', 0)}"}
         if opt.deploy and recipe == opt.recipes[0]:
             dep, fake = deployed(r["best"], data, opt.imgsz, work, name)
             if dep:
@@ -116,6 +119,8 @@ def summarise(per_seed):
             entry = {"model": label, "n": len(rs), "map_mean": statistics.mean(maps),
                      "map_std": statistics.stdev(maps) if len(maps) > 1 else 0.0,
                      "map50_mean": statistics.mean(r["map50"] for r in rs)}
+            if any("chosen" in r for r in rs):  # auto's rule / qat_best.pt's QAT step (0: PTQ) per seed
+                entry["chosen"] = [r.get("chosen") for r in rs]
             if ref is not None and "val_trt" not in label:
                 entry["d_map_mean"] = entry["map_mean"] - ref
             table.append(entry)
@@ -141,14 +146,15 @@ def to_markdown(result):
              f"{o['select_images']} held-out train images, QAT {o['epochs']} x {o['iters_per_epoch']} iterations. "
              f"{result['seconds']:.0f} s.", "",
              "mAP50-95 mean +- std over seeds; Δ against FP32 (train_qat.py protocol). `PTQ auto` picks the rule "
-             "on the selection split, never on val.", "", f"Command: `{result['command']}`"]
+             "on the selection split, never on val; a QAT row is qat_best.pt, chosen on the selection split "
+             "(step 0: no QAT evaluation beat PTQ there).", "", f"Command: `{result['command']}`"]
     for case, table in result["summary"].items():
         lines += ["", f"## {case} (weights {CASES[case]['weight_bits']}-bit)", "",
-                  "| model | mAP50-95 | Δ vs FP32 | mAP50 | seeds |", "|---|---|---|---|---|"]
+                  "| model | mAP50-95 | Δ vs FP32 | mAP50 | seeds | chosen per seed |", "|---|---|---|---|---|---|"]
         for r in table:
             d = f"{r['d_map_mean']:+.4f}" if "d_map_mean" in r else ""
             lines.append(f"| {r['model']} | {r['map_mean']:.4f} ± {r['map_std']:.4f} | {d} | {r['map50_mean']:.4f} "
-                         f"| {r['n']} |")
+                         f"| {r['n']} | {', '.join(map(str, r.get('chosen', [])))} |")
         rec = recovered(table)
         if rec:
             lines += ["", "Share of the PTQ (auto) drop recovered: " +
