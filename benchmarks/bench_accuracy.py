@@ -95,8 +95,14 @@ def run_case(case, seed, opt, data, work):
     for recipe in opt.recipes:
         name = f"{case}-qat-{recipe}-s{seed}"
         r = train_qat.run_api(**base, calib_method="auto", recipe=recipe, epochs=opt.epochs,
-                              iters_per_epoch=opt.iters_per_epoch, eval_period=opt.eval_period, no_eval_origin=True,
-                              name=name)
+                              iters_per_epoch=opt.iters_per_epoch, eval_period=opt.eval_period,
+                              no_eval_origin="FP32" in rows, name=name)
+        if "FP32" in r["rows"]:
+            rows["FP32"] = _metrics(r["rows"]["FP32"])
+        if "PTQ auto" not in rows:  # the QAT run's own starting point: the same auto calibration and seed
+            st = r["settings"]
+            rows["PTQ auto"] = {**_metrics(r["rows"]["PTQ"]), "chosen": f"percentile {st.percentile:g}"
+                                if st.calib_method == "percentile" else st.calib_method}
         rows[f"QAT {recipe}"] = {**_metrics(r["rows"]["QAT"]), "chosen": f"step {r['rows']['QAT'].get('step', 0)}"}
         if opt.deploy and recipe == opt.recipes[0]:
             dep, fake = deployed(r["best"], data, opt.imgsz, work, name)
@@ -193,7 +199,8 @@ def parse_opt(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                   help="PTQ rows (none: PTQ auto comes from the QAT runs)")
     p.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES), help="none: PTQ only")
     p.add_argument("--val-images", type=int, default=0, help="first N val images (0: all)")
     p.add_argument("--calib-batches", type=int, default=32)
