@@ -151,17 +151,19 @@ def quantization_mse(hist, edges, amaxes, num_bits=ACT_BITS):
     return err.sum(1) / hist.sum()
 
 
-def amax_mse(hist, edges, num_bits=ACT_BITS, coarse=8):
-    """The bin edge that minimises `quantization_mse`: every `coarse`-th edge first, then every edge
-    around the best of those (the error is continuous in amax; 8x fewer evaluations)."""
+def amax_mse(hist, edges, num_bits=ACT_BITS, strides=(32, 4, 1)):
+    """The bin edge that minimises `quantization_mse`, searched coarse to fine: every 32nd edge,
+    then every 4th and every edge around the best so far (the error is continuous in amax; ~90
+    evaluations instead of 2048)."""
     hist, edges = _as64(hist, edges)
     candidates = edges[1:]
-    idx = torch.arange(coarse - 1, len(candidates), coarse)
-    if len(idx) == 0 or idx[-1] != len(candidates) - 1:
-        idx = torch.cat([idx, torch.tensor([len(candidates) - 1])])
-    best = int(idx[int(torch.argmin(quantization_mse(hist, edges, candidates[idx], num_bits)))])
-    fine = torch.arange(max(best - coarse, 0), min(best + coarse + 1, len(candidates)))
-    return float(candidates[int(fine[int(torch.argmin(quantization_mse(hist, edges, candidates[fine], num_bits)))])])
+    n = len(candidates)
+    lo, hi, best = 0, n - 1, n - 1
+    for stride in strides:
+        idx = torch.cat([torch.arange(lo, hi + 1, stride), torch.tensor([hi, best])]).unique()
+        best = int(idx[int(torch.argmin(quantization_mse(hist, edges, candidates[idx], num_bits)))])
+        lo, hi = max(best - stride, 0), min(best + stride, n - 1)
+    return float(candidates[best])
 
 
 def kl_divergences(hist, stops, num_bits=ACT_BITS):
