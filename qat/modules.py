@@ -79,6 +79,8 @@ class RangeHistogram(HistogramCalibrator):
 
     @torch.no_grad()
     def collect(self, x):
+        if x.numel() == 0:
+            return
         x = x.detach().float().abs()
         top = x.max()
         self._calib_max = top if self._calib_max is None else torch.maximum(self._calib_max, top)
