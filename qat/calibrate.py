@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from qat.modules import ACT_BITS, HISTOGRAM_METHODS, NUM_BINS, QuantConv2d, WeightQuantizer
+from qat.modules import ACT_BITS, HISTOGRAM_METHODS, QuantConv2d, WeightQuantizer
 from qat.quantize import quantizer_summary, unique_quantizers
 from qat.settings import QuantSettings
 
@@ -195,9 +195,10 @@ def kl_divergences(hist, stops, num_bits=ACT_BITS):
     g_last = ((last * levels) // stops.reshape(-1)).reshape(-1, 1)
     log_q_last = log_q.gather(1, g_last).reshape(-1)
     p_old, p_new = h_last / total, (h_last + tail) / total
-    old = torch.where(h_last > 0, p_old * (torch.log(p_old.clamp_min(1e-300)) - log_q_last), torch.zeros((), dtype=h.dtype))
+    nought, inf = torch.zeros((), dtype=h.dtype), torch.full((), float("inf"), dtype=h.dtype)
+    old = torch.where(h_last > 0, p_old * (torch.log(p_old.clamp_min(1e-300)) - log_q_last), nought)
     new = torch.where(h_last > 0, p_new * (torch.log(p_new.clamp_min(1e-300)) - log_q_last),
-                      torch.where(p_new > 0, torch.full((), float("inf"), dtype=h.dtype), torch.zeros((), dtype=h.dtype)))
+                      torch.where(p_new > 0, inf, nought))
     return kl - old + new
 
 
