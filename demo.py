@@ -114,6 +114,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--weight-bits", type=int, choices=(7, 8), default=8,
                    help="7 for CPUs without VNNI (DESIGN.md section 5)")
+    p.add_argument("--calib-method", default="auto", choices=("auto", "max", "percentile", "mse", "entropy"),
+                   help="auto: the best rule's PTQ mAP on the selection split")
+    p.add_argument("--recipe", default="layers", choices=("layers", "blocks", "kd"),
+                   help="QAT recipe (qat/finetune.py)")
+    p.add_argument("--select-images", type=positive_int, default=100,
+                   help="train images held out to choose calibration and the QAT model on (never val)")
     p.add_argument("--threads", type=positive_int, default=2, help="OpenVINO threads for the latency comparison")
     p.add_argument("--name", default="demo")
     opt = p.parse_args(argv)
@@ -126,7 +132,8 @@ def main(argv=None):
     qat_dir = ROOT / "runs/qat" / opt.name
     _run("2/5 QAT", ["train_qat.py", "--weights", opt.weights, "--data", opt.data, "--imgsz", opt.imgsz,
                      "--epochs", opt.epochs, "--iters-per-epoch", opt.iters_per_epoch, "--batch-size",
-                     opt.batch_size, "--weight-bits", opt.weight_bits, "--device", "cpu", "--workers", "2",
+                     opt.batch_size, "--weight-bits", opt.weight_bits, "--calib-method", opt.calib_method, "--recipe",
+                     opt.recipe, "--select-images", opt.select_images, "--device", "cpu", "--workers", "2",
                      "--project", ROOT / "runs/qat", "--name", opt.name, "--exist-ok"])
     qat_best = qat_dir / "weights/qat_best.pt"
     _run("3/5 export Q/DQ ONNX", ["export_qat.py", "--weights", qat_best, "--imgsz", opt.imgsz, "--device", "cpu"])

@@ -4,6 +4,7 @@
     python train_qat.py --weights yolov9-c-converted.pt --data data/coco.yaml --imgsz 640
     python train_qat.py --weights best.pt --data data.yaml --epochs 0              # PTQ only
     python train_qat.py --weights best.pt --data data.yaml --weight-bits 7         # CPUs without VNNI
+    python train_qat.py --recipe blocks --eval-period 50 --select-split data/holdout.txt
     python train_qat.py --resume                                 # continue the latest run
     torchrun --nproc_per_node 2 train_qat.py --weights best.pt --data data.yaml   # DDP
     python train_qat.py sensitive --weights best.pt --data data.yaml [--auto-skip 0.001]
@@ -11,7 +12,9 @@
 Stages (qat/pipeline.py): evaluate FP32 -> insert Q/DQ quantizers with shared scales (qat.quantize,
 qat.rules) -> calibrate (qat.calibrate) -> evaluate PTQ -> fine-tune with self-distillation
 against the FP32 model (qat.finetune) -> FP32 vs PTQ vs QAT report. Results in runs/qat/<name>/:
-weights/qat_best.pt (by mAP50-95), weights/qat_last.pt, calibration.md/json, report.md/json.
+weights/qat_best.pt (best mAP50-95 on the selection split: --select-split, else --select-images train
+images held out; never the reported val split), weights/qat_last.pt, calibration.md/json
+(--calib-method auto, the default: calibration_selection.md/json), report.md/json (val numbers).
 Export the result with export_qat.py.
 """
 import argparse

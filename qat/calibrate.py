@@ -1,8 +1,17 @@
 """Calibration: collect activation ranges and set every quantizer's amax.
 
 Weights: per-channel max of the weight itself (no data needed). Activations: 'max' keeps the
-largest absolute value seen; 'percentile' / 'mse' / 'entropy' build modelopt's histogram and pick
-amax from it. A shared quantizer sees every tensor of its group, so its one amax covers them all.
+largest absolute value seen; 'percentile' / 'mse' / 'entropy' build a histogram of |x| (2048 bins,
+qat.modules.RangeHistogram) and pick amax from it with the rules below; 'auto' collects the
+histogram once and leaves the choice of rule to the caller (qat.pipeline: PTQ mAP on a selection
+split), which `candidate_amaxes` / `load_amaxes` serve. A shared quantizer sees every tensor of its
+group, so its one amax covers them all.
+
+The rules are ours, not modelopt's: modelopt 0.47's mse calls fake_tensor_quant with its arguments
+shifted (it returns the lowest candidate), and its entropy is a Python loop over bins (seconds per
+quantizer). Here every rule is vectorised over all candidate amaxes at once (a few ms per quantizer).
+All assume the product's grid: signed symmetric INT8 with 127 positive levels, x -> amax/127 *
+clamp(round(127 x / amax), -128, 127), also for a non-negative tensor (TensorRT: zero point 0).
 
 Multi-GPU (DDP): every rank calibrates on its shard of the batches, then the statistics are merged
 so all ranks load the same amax: max -> all_reduce(MAX) of the running max; histograms -> a first
@@ -18,12 +27,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from qat.modules import HISTOGRAM_METHODS, QuantConv2d, WeightQuantizer
+from qat.modules import ACT_BITS, HISTOGRAM_METHODS, QuantConv2d, WeightQuantizer
 from qat.quantize import quantizer_summary, unique_quantizers
 from qat.settings import QuantSettings
-
-NUM_BINS = 2048
-
 
 def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -83,10 +89,7 @@ def _fixed_histogram_edges(model, quantizers, batches, device, n, show):
     for q in quantizers:
         m = maxima[id(q)]
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
-        cal = q._calibrator
-        cal._calib_bin_edges = torch.linspace(0, float(m), NUM_BINS + 1, device=device)
-        cal._calib_hist = torch.zeros(NUM_BINS, device=device)
-        cal._num_bins = NUM_BINS
+        q._calibrator.set_range(float(m), device)
 
 
 def _merge_across_ranks(quantizers, histogram, device):
@@ -94,6 +97,10 @@ def _merge_across_ranks(quantizers, histogram, device):
         cal = q._calibrator
         if histogram:
             dist.all_reduce(cal._calib_hist, op=dist.ReduceOp.SUM)
+            top = cal._calib_max if cal._calib_max is not None else torch.zeros((), device=device)
+            top = top.to(device)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            cal._calib_max = top
         else:
             amax = cal._calib_amax if cal._calib_amax is not None else torch.zeros((), device=device)
             amax = amax.to(device)
@@ -101,14 +108,177 @@ def _merge_across_ranks(quantizers, histogram, device):
             cal._calib_amax = amax
 
 
-def calibrate(model, batches, settings=None, device=None, max_batches=None, show=True):
+# --------------------------------------------------------------------------------------------------
+# amax rules on a histogram of |x|: `hist` (B counts), `edges` (B + 1 bin edges from 0)
+
+PERCENTILES = (99.9, 99.99, 99.999)  # the percentile candidates of --calib-method auto
+
+
+def _as64(hist, edges):
+    return torch.as_tensor(hist).detach().double().cpu(), torch.as_tensor(edges).detach().double().cpu()
+
+
+def amax_percentile(hist, edges, percentile):
+    """The |x| below which `percentile` % of the data lies, interpolated linearly inside its bin."""
+    hist, edges = _as64(hist, edges)
+    cdf = torch.cat([hist.new_zeros(1), hist.cumsum(0)]) / hist.sum()
+    target = min(float(percentile) / 100, 1.0)
+    i = int(torch.searchsorted(cdf, torch.tensor([target], dtype=cdf.dtype)).clamp(1, len(cdf) - 1))
+    lo, hi = cdf[i - 1], cdf[i]
+    t = 0.0 if hi <= lo else float((target - lo) / (hi - lo))
+    return float(edges[i - 1] + t * (edges[i] - edges[i - 1]))
+
+
+def _rounding_integral(x, step):
+    """integral_0^x (t - step * round(t / step))^2 dt for x >= 0 (elementwise, closed form)."""
+    u = x / step + 0.5
+    k = torch.floor(u)
+    f = u - k
+    return step ** 3 * (k / 12 + ((f - 0.5) ** 3 + 0.125) / 3 - 1 / 24)
+
+
+def quantization_mse(hist, edges, amaxes, num_bits=ACT_BITS):
+    """Expected squared error of quantizing the histogram's data with each amax in `amaxes`, data
+    uniform inside each bin (exact under that assumption: closed-form integrals, no sampling)."""
+    hist, edges = _as64(hist, edges)
+    amaxes = torch.as_tensor(amaxes, dtype=torch.float64).reshape(-1, 1)
+    density = (hist / (edges[1:] - edges[:-1]).clamp_min(1e-300)).reshape(1, -1)
+    step = amaxes / (2 ** (num_bits - 1) - 1)
+    x = edges.reshape(1, -1)
+    inside = _rounding_integral(torch.minimum(x, amaxes), step)  # rounding error below amax
+    clipped = (x - amaxes).clamp_min(0) ** 3 / 3  # values above amax land on amax
+    err = ((inside[:, 1:] - inside[:, :-1]) + (clipped[:, 1:] - clipped[:, :-1])) * density
+    return err.sum(1) / hist.sum()
+
+
+def amax_mse(hist, edges, num_bits=ACT_BITS, strides=(32, 4, 1)):
+    """The bin edge that minimises `quantization_mse`, searched coarse to fine: every 32nd edge,
+    then every 4th and every edge around the best so far (the error is continuous in amax; ~90
+    evaluations instead of 2048)."""
+    hist, edges = _as64(hist, edges)
+    candidates = edges[1:]
+    n = len(candidates)
+    lo, hi, best = 0, n - 1, n - 1
+    for stride in strides:
+        idx = torch.cat([torch.arange(lo, hi + 1, stride), torch.tensor([hi, best])]).unique()
+        best = int(idx[int(torch.argmin(quantization_mse(hist, edges, candidates[idx], num_bits)))])
+        lo, hi = max(best - stride, 0), min(best + stride, n - 1)
+    return float(candidates[best])
+
+
+def kl_divergences(hist, stops, num_bits=ACT_BITS):
+    """TensorRT's entropy calibration (the rule modelopt's `_compute_amax_entropy` loops over bin by
+    bin), for every candidate stop bin i at once: P = hist[:i] with everything beyond added to its
+    last bin; Q = hist[:i] merged into 2^(bits-1) groups of bins and spread evenly back over each
+    group's non-empty bins; returns KL(P || Q) per stop (inf where P has mass that Q lacks). Group
+    sums come from prefix sums, so one stop costs O(levels), not O(bins)."""
+    h = torch.as_tensor(hist).detach().double().cpu().clone()
+    h[0] = h[1]  # as TensorRT / modelopt: the spike of zeros (ReLU) does not decide the range
+    total = h.sum()
+    zero = torch.zeros(1, dtype=h.dtype)
+    hlogh = torch.where(h > 0, h * torch.log(h.clamp_min(1e-300)), torch.zeros((), dtype=h.dtype))
+    S, N, L = (torch.cat([zero, v.cumsum(0)]) for v in (h, (h > 0).double(), hlogh))
+    stops = torch.as_tensor(stops, dtype=torch.int64).reshape(-1, 1)
+    levels = 1 << (num_bits - 1)
+    k = torch.arange(levels + 1).reshape(1, -1)
+    bounds = (k * stops + levels - 1) // levels  # group g holds bins [bounds[g], bounds[g + 1])
+    H = S[bounds[:, 1:]] - S[bounds[:, :-1]]
+    M = N[bounds[:, 1:]] - N[bounds[:, :-1]]
+    Lg = L[bounds[:, 1:]] - L[bounds[:, :-1]]
+    s_i = S[stops]  # Q's total mass (every bin of hist[:i] is kept)
+    log_q = torch.log(H.clamp_min(1e-300)) - torch.log(M.clamp_min(1)) - torch.log(s_i)
+    filled = H > 0
+    kl = torch.where(filled, Lg - H * torch.log(total) - H * log_q, torch.zeros((), dtype=h.dtype)).sum(1) / total
+    # the last bin of P also holds the tail beyond the stop: swap its term for the corrected one
+    last = (stops - 1).reshape(-1)
+    h_last, tail = h[last], total - s_i.reshape(-1)
+    g_last = ((last * levels) // stops.reshape(-1)).reshape(-1, 1)
+    log_q_last = log_q.gather(1, g_last).reshape(-1)
+    p_old, p_new = h_last / total, (h_last + tail) / total
+    nought, inf = torch.zeros((), dtype=h.dtype), torch.full((), float("inf"), dtype=h.dtype)
+    old = torch.where(h_last > 0, p_old * (torch.log(p_old.clamp_min(1e-300)) - log_q_last), nought)
+    new = torch.where(h_last > 0, p_new * (torch.log(p_new.clamp_min(1e-300)) - log_q_last),
+                      torch.where(p_new > 0, inf, nought))
+    return kl - old + new
+
+
+def amax_entropy(hist, edges, num_bits=ACT_BITS, start_bin=128):
+    """Left edge of the stop bin with the smallest KL divergence (the largest stop on ties), stops
+    start_bin..bins as in TensorRT / modelopt (fewer bins than levels would be meaningless)."""
+    hist, edges = _as64(hist, edges)
+    start = min(start_bin, len(hist))
+    stops = torch.arange(start, len(hist) + 1)
+    kl = kl_divergences(hist, stops, num_bits)
+    best = len(kl) - 1 - int(torch.argmin(kl.flip(0)))
+    return float(edges[int(stops[best])])
+
+
+def histogram_amax(cal, method, percentile=99.99):
+    """amax of one RangeHistogram by `method` ('max', 'percentile', 'mse', 'entropy'); never above
+    the largest |x| seen (the top bin edge can lie beyond it)."""
+    top = float(cal._calib_max)
+    hist, edges = cal._calib_hist, cal._calib_bin_edges
+    if method == "max":
+        return top
+    if method == "percentile":
+        return min(amax_percentile(hist, edges, percentile), top)
+    if method == "mse":
+        return min(amax_mse(hist, edges, cal._num_bits), top)
+    if method == "entropy":
+        return min(amax_entropy(hist, edges, cal._num_bits), top)
+    raise ValueError(f"unknown calibration rule {method}")
+
+
+def candidate_name(method, percentile=None):
+    return f"percentile {percentile:g}" if method == "percentile" else method
+
+
+def auto_candidates(percentiles=PERCENTILES):
+    """(name, method, percentile) of every rule --calib-method auto compares."""
+    rows = [("max", "max", None)]
+    rows += [(candidate_name("percentile", p), "percentile", p) for p in percentiles]
+    return rows + [("mse", "mse", None), ("entropy", "entropy", None)]
+
+
+def candidate_amaxes(model, candidates=None):
+    """{candidate name: {quantizer name: amax}} from the histograms `calibrate(..., keep_histograms=True)`
+    left in the activation quantizers."""
+    candidates = candidates or auto_candidates()
+    quantizers = [(name, q) for name, q, _ in unique_quantizers(model)
+                  if not isinstance(q, WeightQuantizer) and not q._disabled]
+    out = {}
+    for label, method, pct in candidates:
+        out[label] = {name: histogram_amax(q._calibrator, method, pct) for name, q in quantizers}
+    return out
+
+
+def load_amaxes(model, amaxes):
+    """Set activation amax values from `candidate_amaxes(...)[name]`."""
+    device = next(model.parameters()).device
+    for name, q, _ in unique_quantizers(model):
+        if name in amaxes:
+            q.amax = torch.tensor(float(amaxes[name]), device=device)
+
+
+def free_histograms(model):
+    for q in activation_quantizers(model):
+        q._calibrator.reset()
+
+
+# --------------------------------------------------------------------------------------------------
+
+def calibrate(model, batches, settings=None, device=None, max_batches=None, show=True, keep_histograms=False):
     """Calibrate a quantized model in place and return `quantizer_summary(model)`.
 
     batches: iterable of float image tensors 0-1 (or DataLoader batches: uint8 images are scaled);
-    at most `max_batches` of them are used (per rank under DDP: pass each rank its own shard)."""
+    at most `max_batches` of them are used (per rank under DDP: pass each rank its own shard).
+    'auto' (or keep_histograms) keeps the histograms for `candidate_amaxes`; amax is then set by
+    'max' until the caller loads another candidate (then `free_histograms`)."""
     settings = settings or QuantSettings.from_dict(getattr(model, "qat", {}).get("settings"))
     device = device or next(model.parameters()).device
-    histogram = settings.calib_method in HISTOGRAM_METHODS
+    method = settings.calib_method
+    histogram = method in HISTOGRAM_METHODS
+    keep = keep_histograms or method == "auto"
     n = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     training = model.training
     model.eval()
@@ -119,6 +289,7 @@ def calibrate(model, batches, settings=None, device=None, max_batches=None, show
     quantizers = activation_quantizers(model)
     for q in quantizers:
         q.reset_amax()
+        q._calibrator.reset()
         q.disable_quant()
         q.enable_calib()
     try:
@@ -128,7 +299,7 @@ def calibrate(model, batches, settings=None, device=None, max_batches=None, show
             _fixed_histogram_edges(model, quantizers, batches, device, n, show)
             for q in quantizers:
                 q.enable_calib()
-        seen = _run(model, batches, device, n, f"calibrate ({settings.calib_method})", show)
+        seen = _run(model, batches, device, n, f"calibrate ({method})", show)
         if seen == 0 and not _distributed():
             raise ValueError("calibrate: no batches to calibrate on")
         if _distributed():
@@ -141,21 +312,19 @@ def calibrate(model, batches, settings=None, device=None, max_batches=None, show
                 warnings.warn("a quantizer saw no data during calibration; it stays disabled")
                 q.disable()
                 continue
-            with warnings.catch_warnings():  # modelopt warns that histograms are not synced: we did that
-                warnings.simplefilter("ignore")
-                if settings.calib_method == "percentile":
-                    q.load_calib_amax("percentile", percentile=settings.percentile)
-                elif histogram:
-                    q.load_calib_amax(settings.calib_method)
-                else:
-                    q.load_calib_amax()
+            if histogram:
+                rule = "max" if method == "auto" else method
+                q.amax = torch.tensor(histogram_amax(cal, rule, settings.percentile), device=device)
+            else:
+                q.load_calib_amax()
             q.enable_quant()
-            q._calibrator.reset()  # the histograms are large; amax is what is kept
+            if not keep:
+                cal.reset()  # the histograms are large; amax is what is kept
     finally:
         for q in weights:
             q.enable_quant()
         model.train(training)
-    model.to(device)  # histogram amax comes back on the CPU
+    model.to(device)
     return quantizer_summary(model)
 
 

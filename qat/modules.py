@@ -9,6 +9,7 @@ never changed for every instance of a class. Which quantizers share one object i
 
 modelopt is imported here and in `calibrate.py` only; nothing outside qat/ touches its API.
 """
+import math
 import warnings
 
 import torch
@@ -19,12 +20,14 @@ from models.common import ADown, CBFuse, Concat, ELAN1, RepNBottleneck, RepNCSP,
 
 with warnings.catch_warnings():  # modelopt's import warns about a missing CUDA runtime and jit.script
     warnings.simplefilter("ignore")
+    from modelopt.torch.quantization.calib import HistogramCalibrator
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
     from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
 
 ACT_BITS = 8  # TensorRT / OpenVINO: activations are per-tensor symmetric INT8, zero point 0
-HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
+HISTOGRAM_METHODS = ("percentile", "mse", "entropy", "auto")  # auto: all candidates from one histogram
+NUM_BINS = 2048
 
 
 class WeightQuantizer(TensorQuantizer):
@@ -47,16 +50,65 @@ class WeightQuantizer(TensorQuantizer):
                                  self._pass_through_bwd, None, None)
 
 
-def _histogram_calibrator(num_bits, axis, unsigned):
-    """modelopt's HistogramCalibrator; `torch_hist` keeps the histogram on the model's device."""
-    from modelopt.torch.quantization.calib import HistogramCalibrator
-    return HistogramCalibrator(num_bits, axis, unsigned, num_bins=2048, torch_hist=True)
+class RangeHistogram(HistogramCalibrator):
+    """modelopt's HistogramCalibrator with a collection that stays exact when later batches are larger.
+
+    modelopt 0.47 grows its edges with `torch.arange` and re-bins with `histc` over a range whose
+    width no longer matches the old bins, so earlier counts land in the wrong bins; and its
+    `compute_amax('mse')` passes its arguments to `fake_tensor_quant` in the wrong order (it returns
+    the lowest candidate, amax 0.0627 for data uniform on [0, 1]). Here: always NUM_BINS bins over
+    [0, range] of |x|; when a batch exceeds the range, the range doubles (as many times as needed)
+    and adjacent bins are merged pairwise, which is exact. The exact running max |x| is kept too
+    (`_calib_max`: the 'max' candidate of `--calib-method auto`). amax rules: qat.calibrate."""
+
+    def __init__(self, num_bits=8, axis=None, unsigned=False):
+        super().__init__(num_bits, axis, unsigned, num_bins=NUM_BINS, torch_hist=True)
+        self._calib_max = None
+        self._calib_range = None
+
+    def reset(self):
+        super().reset()
+        self._calib_max = None
+        self._calib_range = None
+
+    def set_range(self, top, device):
+        """Fixed bins over [0, top] (DDP: every rank bins into the same edges)."""
+        self._calib_range = max(float(top), 1e-30)
+        self._calib_hist = torch.zeros(NUM_BINS, dtype=torch.float64, device=device)  # exact counts
+        self._calib_bin_edges = torch.linspace(0, self._calib_range, NUM_BINS + 1, device=device)
+
+    @torch.no_grad()
+    def collect(self, x):
+        if x.numel() == 0:
+            return
+        x = x.detach().float().abs()
+        top = x.max()
+        self._calib_max = top if self._calib_max is None else torch.maximum(self._calib_max, top)
+        top = float(top)
+        if self._calib_hist is None:
+            self.set_range(top, x.device)
+        elif top > self._calib_range:
+            doublings = math.ceil(math.log2(top / self._calib_range))
+            factor = 2 ** doublings
+            hist = self._calib_hist
+            if factor >= NUM_BINS:
+                merged = hist.sum().reshape(1)
+            else:
+                merged = hist.view(NUM_BINS // factor, factor).sum(1)
+            self._calib_hist = torch.cat([merged, hist.new_zeros(NUM_BINS - merged.numel())])
+            self._calib_range *= factor
+            self._calib_bin_edges = torch.linspace(0, self._calib_range, NUM_BINS + 1, device=x.device)
+        self._calib_hist += torch.histc(x, bins=NUM_BINS, min=0, max=self._calib_range)
+
+    def compute_amax(self, *args, **kwargs):
+        raise NotImplementedError("amax from a RangeHistogram: qat.calibrate.histogram_amax (modelopt's mse is wrong)")
 
 
 def make_input_quantizer(calib_method="max"):
-    """Per-tensor signed INT8 activation quantizer; max or histogram calibrator by method."""
+    """Per-tensor signed INT8 activation quantizer (range [-amax, amax] even for a non-negative
+    tensor: TensorRT's activations are symmetric, zero point 0); max or histogram calibrator."""
     cfg = dict(num_bits=ACT_BITS, axis=None, narrow_range=False, pass_through_bwd=False,
-               calibrator="histogram" if calib_method in HISTOGRAM_METHODS else "max")
+               calibrator=RangeHistogram if calib_method in HISTOGRAM_METHODS else "max")
     q = TensorQuantizer(QuantizerAttributeConfig(**cfg))
     return q
 

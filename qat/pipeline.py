@@ -1,8 +1,16 @@
 """The QAT stages end to end, shared by `train_qat.py` and `train.py --qat` (run_from_train).
 
-    FP32 checkpoint -> evaluate (FP32 row) -> quantize_model -> calibrate (calibration.md/json)
+    FP32 checkpoint -> evaluate (FP32 row) -> quantize_model -> calibrate (calibration.md/json;
+    --calib-method auto: every rule's amax from one histogram pass, the best PTQ mAP50-95 on the
+    selection split wins, calibration_selection.md/json)
     [-> --auto-skip: per-layer sensitivity, layers kept float, re-quantize + re-calibrate]
-    -> evaluate (PTQ row) -> finetune (QAT, evaluate every epoch) -> report.md / report.json
+    -> evaluate (PTQ row) -> finetune (QAT, --recipe, evaluated on the selection split every
+    --eval-period iterations) -> qat_best.pt evaluated on val -> report.md / report.json
+
+Selection never uses the reported split: choices (calibration rule, best QAT evaluation) are made
+on `--select-split`, or by default on `--select-images` train images held out of training and
+calibration (lists in runs/qat/<name>/splits/); qat_best.pt is the best of the PTQ model and every
+QAT evaluation on that split, and the report shows its numbers on val.
 
 Run directory runs/qat/<name>/: opt.yaml, calibration.md/json, weights/qat_best.pt (by mAP50-95)
 and weights/qat_last.pt (every epoch and every --save-period iterations; --resume continues from
@@ -15,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import random
 from copy import deepcopy
 from pathlib import Path
 
@@ -23,7 +32,7 @@ import torch.distributed as dist
 import yaml
 
 from qat.compat import UserError, attempt_load, init_seeds, load_checkpoint
-from qat.finetune import LOSSES, OPTIMIZERS
+from qat.finetune import LOSSES, OPTIMIZERS, RECIPES, SCHEDULES
 from qat.settings import CALIB_METHODS, WEIGHT_BITS, QuantSettings
 from utils.cli import float_range, imgsz_int, nonneg_float, nonneg_int, positive_float, positive_int
 from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path, yaml_load, yaml_save
@@ -60,10 +69,16 @@ def add_common_args(p):
     # quantization
     p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=8,
                    help="8, or 7 for CPUs without VNNI (DESIGN.md section 5)")
-    p.add_argument("--calib-method", default="max", choices=CALIB_METHODS,
-                   help=f"activation calibration: {' | '.join(CALIB_METHODS)}")
+    p.add_argument("--calib-method", default="auto", choices=("auto",) + tuple(CALIB_METHODS),
+                   help=f"activation calibration: {' | '.join(CALIB_METHODS)}; auto: the best PTQ mAP50-95 on the "
+                        f"selection split among max, percentile 99.9/99.99/99.999, mse, entropy")
     p.add_argument("--percentile", type=float_range(0.0, 100.0, lo_open=True), default=99.99,
                    help="percentile for --calib-method percentile")
+    p.add_argument("--select-split", default="", metavar="PATH",
+                   help="images (folder or .txt list, YOLO labels beside) to choose calibration and the QAT "
+                        "model on; default: --select-images train images held out of training")
+    p.add_argument("--select-images", type=positive_int, default=200,
+                   help="train images held out as the selection split when no --select-split is given")
     p.add_argument("--calib-batches", type=positive_int, default=32,
                    help="calibration batches (train images, all ranks)")
     p.add_argument("--no-last-layer", action="store_true", help="keep the detection head (model.model[-1]) float")
@@ -80,9 +95,19 @@ def add_finetune_args(p):
     p.add_argument("--epochs", type=nonneg_int, default=10, help="QAT epochs (0: post-training quantization only)")
     p.add_argument("--iters-per-epoch", type=nonneg_int, default=200,
                    help="iterations per epoch (0: one pass of the data)")
-    p.add_argument("--lr", type=positive_float, default=1e-5, help="initial learning rate (cosine to lr * lrf)")
-    p.add_argument("--lrf", type=nonneg_float, default=0.01, help="final learning rate fraction")
-    p.add_argument("--optimizer", default="Adam", choices=OPTIMIZERS, help="Adam | AdamW | SGD")
+    p.add_argument("--recipe", default="layers", choices=tuple(RECIPES),
+                   help="QAT recipe (qat/finetune.py); it sets the defaults of --lr --lrf --optimizer --schedule "
+                        "--warmup")
+    p.add_argument("--lr", type=positive_float, default=None, help="initial learning rate (default: the recipe's)")
+    p.add_argument("--lrf", type=nonneg_float, default=None,
+                   help="cosine: final learning rate fraction (default: the recipe's)")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="default: the recipe's")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES, help="default: the recipe's")
+    p.add_argument("--warmup", type=float_range(0.0, 1.0, hi_open=True), default=None,
+                   help="linear warm-up, fraction of all iterations")
+    p.add_argument("--temperature", type=positive_float, default=2.0, help="--recipe kd: softening temperature")
+    p.add_argument("--eval-period", type=nonneg_int, default=0,
+                   help="evaluate on the selection split every N iterations (0: at each epoch end)")
     p.add_argument("--momentum", type=float_range(0.0, 1.0, hi_open=True), default=0.9,
                    help="SGD momentum / Adam beta1")
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="weight decay")
@@ -113,9 +138,11 @@ def settings_from_opt(opt):
 
 def finetune_options(opt, save_dir, settings):
     from qat.finetune import FinetuneOptions
-    return FinetuneOptions(epochs=opt.epochs, iters_per_epoch=opt.iters_per_epoch, lr=opt.lr, lrf=opt.lrf,
-                           optimizer=opt.optimizer, momentum=opt.momentum, weight_decay=opt.weight_decay,
-                           loss=opt.loss, det_weight=opt.det_weight, supervision_stride=opt.supervision_stride,
+    return FinetuneOptions(epochs=opt.epochs, iters_per_epoch=opt.iters_per_epoch, recipe=opt.recipe, lr=opt.lr,
+                           lrf=opt.lrf, optimizer=opt.optimizer, schedule=opt.schedule, warmup=opt.warmup,
+                           momentum=opt.momentum, weight_decay=opt.weight_decay, loss=opt.loss,
+                           det_weight=opt.det_weight, supervision_stride=opt.supervision_stride,
+                           temperature=opt.temperature, eval_period=opt.eval_period,
                            save_dir=Path(save_dir) / "weights", save_period=opt.save_period,
                            settings=settings).validate()
 
@@ -129,6 +156,9 @@ def check_opt(opt):
         raise UserError(f"--batch-size {opt.batch_size} must be >= 1")
     if opt.calib_batches < 1:
         raise UserError(f"--calib-batches {opt.calib_batches} must be >= 1")
+    if not opt.select_split and opt.select_images < 1:
+        raise UserError(f"--select-images {opt.select_images} must be >= 1 (or pass --select-split): choices are "
+                        f"never made on the reported val split")
     if opt.auto_skip is not None and not 0 <= opt.auto_skip < 1:
         raise UserError(f"--auto-skip {opt.auto_skip}: the budget is an mAP50-95 difference in [0, 1), e.g. 0.001")
     if WORLD_SIZE > 1 and opt.batch_size % WORLD_SIZE:
@@ -269,8 +299,11 @@ def make_loaders(data, imgsz, stride, opt, hyp, rank=-1):
         return loader
 
     def train_split(aug, prefix):
+        # --seed: calibration sample, data order (upstream's create_dataloader has no seed)
+        seed = {"seed": int(getattr(opt, "seed", 0))} if "seed" in inspect.signature(create_dataloader).parameters \
+            else {}
         return loader("train", bs, augment=aug, rect=False, rank=rank, workers=opt.workers, shuffle=True,
-                      prefix=colorstr(prefix))
+                      prefix=colorstr(prefix), **seed)
 
     train = train_split(augment, "train: ")
     calib = train_split(False, "calibration: ") if augment else train
@@ -303,34 +336,114 @@ def make_val_fn(data, val_loader, imgsz, batch_size, n_batches=0):
     return val_fn
 
 
-def quantize_and_calibrate(fp32, settings, loader, n_batches, device, save_dir=None):
-    """A quantized, calibrated copy of `fp32`; calibration tables in save_dir (rank 0)."""
+def selection_split(data, opt, save_dir):
+    """-> (train source for training and calibration, selection source). With --select-split the
+    train set stays whole; otherwise --select-images train images (at most half of them, chosen
+    with --seed) are held out: splits/train.txt and splits/select.txt in the run folder (kept on
+    --resume so the split never changes within a run)."""
+    from utils.dataloaders import list_image_files
+    if opt.select_split:
+        select = Path(opt.select_split)
+        if not select.exists() and isinstance(data.get(opt.select_split), (str, list)):
+            return data["train"], data[opt.select_split]  # a key of the data yaml, e.g. 'test'
+        list_image_files(str(select), "--select-split ")  # one-line error when there are no images
+        return data["train"], str(select)
+    split_dir = Path(save_dir) / "splits"
+    train_txt, select_txt = split_dir / "train.txt", split_dir / "select.txt"
+    if not (train_txt.is_file() and select_txt.is_file()):
+        files = list_image_files(data["train"], "train: ")
+        n = min(int(opt.select_images), len(files) // 2)
+        if n < 1:
+            raise UserError(f"train has {len(files)} image(s): too few to hold out a selection split; "
+                            f"pass --select-split")
+        held = set(random.Random(opt.seed).sample(range(len(files)), n))
+        if _main_rank():
+            split_dir.mkdir(parents=True, exist_ok=True)
+            train_txt.write_text("\n".join(f for i, f in enumerate(files) if i not in held) + "\n")
+            select_txt.write_text("\n".join(files[i] for i in sorted(held)) + "\n")
+    _barrier()  # every rank, whether or not it saw the lists already
+    return str(train_txt), str(select_txt)
+
+
+def make_select_loader(select, imgsz, stride, opt, hyp):
+    from utils.dataloaders import create_dataloader
+    bs = 2 * opt.batch_size // max(WORLD_SIZE, 1)
+    return create_dataloader(select, imgsz, bs, stride, hyp=hyp, augment=False, rect=True, rank=-1,
+                             workers=opt.workers * 2, pad=0.5, prefix=colorstr("select: "))[0]
+
+
+def choose_calibration(qmodel, settings, select_fn, save_dir):
+    """--calib-method auto: evaluate every candidate rule's amax (from the kept histograms) on the
+    selection split, load the best (the first of equals, cheapest first) -> settings naming it.
+    Rank 0 evaluates; every rank loads the same candidate (their histograms are merged)."""
+    from qat.calibrate import auto_candidates, candidate_amaxes, free_histograms, load_amaxes
+    candidates = auto_candidates()
+    amaxes = candidate_amaxes(qmodel, candidates)
+    table = None
+    if _main_rank():
+        table = []
+        for label, method, pct in candidates:
+            load_amaxes(qmodel, amaxes[label])
+            LOGGER.info(f"{colorstr('calibrate: ')}candidate {label}")
+            table.append({"candidate": label, "method": method, "percentile": pct, **select_fn(qmodel)})
+    table = _broadcast(table)
+    best = max(table, key=lambda r: r["map"])  # max() keeps the first of equal values
+    load_amaxes(qmodel, amaxes[best["candidate"]])
+    free_histograms(qmodel)
+    chosen = QuantSettings.from_dict({**settings.to_dict(), "calib_method": best["method"],
+                                      "percentile": best["percentile"] or settings.percentile})
+    qmodel.qat["settings"] = chosen.to_dict()
+    if _main_rank():
+        write_calibration_selection(table, best, save_dir)
+    return chosen, table
+
+
+def write_calibration_selection(table, best, save_dir):
+    save_dir = Path(save_dir)
+    (save_dir / "calibration_selection.json").write_text(json.dumps({"chosen": best["candidate"], "candidates": table},
+                                                                    indent=1))
+    lines = ["# --calib-method auto: PTQ on the selection split", "",
+             "| calibration | mAP50-95 | mAP50 | P | R |", "|---|---|---|---|---|"]
+    for r in table:
+        mark = " (chosen)" if r is best else ""
+        lines.append(f"| {r['candidate']}{mark} | {r['map']:.4f} | {r['map50']:.4f} | {r['mp']:.4f} | {r['mr']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    (save_dir / "calibration_selection.md").write_text(text)
+    LOGGER.info("\n" + text)
+
+
+def quantize_and_calibrate(fp32, settings, loader, n_batches, device, save_dir=None, select_fn=None):
+    """A quantized, calibrated copy of `fp32` -> (model, settings). --calib-method auto needs
+    `select_fn` (rank 0) and returns the settings of the rule it chose; calibration tables in save_dir."""
     from qat.calibrate import calibrate, write_summary
-    from qat.quantize import quantize_model
+    from qat.quantize import quantize_model, quantizer_summary
     qmodel = quantize_model(deepcopy(fp32), settings)
     n_groups = len(qmodel.qat["groups"])
     LOGGER.info(f"{colorstr('quantize: ')}{settings}; {n_groups} groups of quantization points share one quantizer")
     per_rank = math.ceil(n_batches / max(WORLD_SIZE, 1))
     summary = calibrate(qmodel, FirstBatches(loader, per_rank), settings, device, show=_main_rank())
+    if settings.calib_method == "auto":
+        settings, _ = choose_calibration(qmodel, settings, select_fn, save_dir)
+        summary = quantizer_summary(qmodel)
     if save_dir is not None and _main_rank():
         f = write_summary(summary, save_dir)
         LOGGER.info(f"{colorstr('calibrate: ')}{min(per_rank, len(loader))} batches x {max(WORLD_SIZE, 1)} rank(s), "
                     f"{settings.calib_method}; amax table {f}")
-    return qmodel
-
-
-def best_row(history):
-    rows = [h for h in history if "map" in h]
-    return max(rows, key=lambda h: h["map"]) if rows else None
+    return qmodel, settings
 
 
 def best_note(path):
     """Which model qat_best.pt holds, in words."""
     if not Path(path).is_file():
         return ""
-    epoch = load_checkpoint(path).get("epoch", 0)
-    return (f"qat_best.pt: QAT epoch {epoch}" if epoch else
-            "qat_best.pt: the PTQ (calibrated) model: no QAT epoch beat its mAP50-95")
+    ckpt = load_checkpoint(path)
+    epoch, iteration = int(ckpt.get("epoch", 0)), int(ckpt.get("iteration", 0))
+    if not (epoch or iteration) and "history" not in ckpt:
+        return "qat_best.pt: the PTQ (calibrated) model (--epochs 0)"
+    if not (epoch or iteration):
+        return "qat_best.pt: the PTQ (calibrated) model: no QAT evaluation beat its mAP50-95 on the selection split"
+    where = f"epoch {epoch}" + (f", iteration {iteration}" if iteration else " (end)")
+    return f"qat_best.pt: QAT at {where}, the best mAP50-95 on the selection split"
 
 
 def write_report(rows, save_dir, title="QAT report", note=""):
@@ -430,22 +543,27 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     opt.imgsz = imgsz
     hyp = load_hyp(opt.hyp, required=("box", "cls", "dfl") if getattr(opt, "loss", "distill") != "distill" else ())
     fp32.hyp = hyp
-    train_loader, calib_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp, rank=LOCAL_RANK)
+    train_src, select_src = selection_split(data, opt, save_dir)
+    train_loader, calib_loader, val_loader = make_loaders(dict(data, train=train_src), imgsz, stride, opt, hyp,
+                                                          rank=LOCAL_RANK)
     if main:  # only now: a run that fails on its inputs leaves no run folder behind
         wdir.mkdir(parents=True, exist_ok=True)
         if write_opt:
             yaml_save(save_dir / "opt.yaml", _plain_opt(opt))
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches) if main else None
+    select_fn = make_val_fn(data, make_select_loader(select_src, imgsz, stride, opt, hyp), imgsz,
+                            opt.batch_size * 2) if main else None
 
-    def evaluate(m, label):
+    def evaluate(m, label, fn=None):
         LOGGER.info(f"{colorstr('evaluate: ')}{label}")
-        return val_fn(m)
+        return (fn or val_fn)(m)
 
-    rows, history, fopts = {}, [], finetune_options(opt, save_dir, settings)
+    rows, select_rows, history, fopts = {}, {}, [], finetune_options(opt, save_dir, settings)
     if resume is not None:
         qmodel, settings, ckpt = load_qat(resume, device, trusted=opt.trusted)
         fopts.settings = settings
         rows = {k: v for k, v in (ckpt.get("rows") or {}).items() if k != "QAT"}
+        select_rows = dict(ckpt.get("select_rows") or {})
         fopts.resume = {k: ckpt.get(k) for k in ("epoch", "iteration", "optimizer", "best_fitness", "history")}
         if int(ckpt.get("epoch", 0)) >= opt.epochs and not ckpt.get("iteration"):
             raise UserError(f"--resume {resume}: that run already finished its {opt.epochs} epochs")
@@ -454,56 +572,88 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     else:
         if main and not opt.no_eval_origin:
             rows["FP32"] = evaluate(fp32, "FP32")
-        qmodel = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir)
+        qmodel, settings = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir,
+                                                  select_fn)
+        fopts.settings = settings
         if opt.auto_skip is not None:
-            settings = _auto_skip(opt, fp32, qmodel, settings, rows, evaluate, val_fn, save_dir)
+            settings = _auto_skip(opt, fp32, qmodel, settings, select_fn, save_dir)
             fopts.settings = settings
             if settings.skip_layers != list(opt.skip_layers):
-                qmodel = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir)
+                qmodel, settings = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device,
+                                                          save_dir, select_fn)
+                fopts.settings = settings
             opt.skip_layers = settings.skip_layers
         if main and not opt.no_eval_ptq:
             rows["PTQ"] = evaluate(qmodel, "PTQ (calibrated, before QAT)")
+        if main and opt.epochs > 0:
+            select_rows["PTQ"] = evaluate(qmodel, "PTQ on the selection split", select_fn)
 
-    fopts.extra = {"opt": _plain_opt(opt), "rows": rows}
+    fopts.extra = {"opt": _plain_opt(opt), "rows": rows, "select_rows": select_rows}
     if opt.epochs == 0:
         if main:
             extra = dict(fopts.extra, epoch=0, iteration=0, best_fitness=rows.get("PTQ", {}).get("map", 0.0))
             save_qat(wdir / "qat_best.pt", qmodel, settings, extra)
             save_qat(wdir / "qat_last.pt", qmodel, settings, extra)
     else:
-        if main and "PTQ" in rows and fopts.resume is None:
-            # qat_best.pt starts as the calibrated model: an epoch replaces it only with a higher mAP50-95,
-            # so fine-tuning can never hand back something worse than its starting point on the val set
-            fopts.start_fitness = rows["PTQ"]["map"]
+        if main and fopts.resume is None:
+            # qat_best.pt starts as the calibrated model: a QAT evaluation replaces it only with a higher
+            # mAP50-95 on the selection split, so fine-tuning never hands back something worse there
+            fopts.start_fitness = select_rows["PTQ"]["map"]
             save_qat(wdir / "qat_best.pt", qmodel, settings,
                      dict(fopts.extra, epoch=0, iteration=0, best_fitness=fopts.start_fitness, history=[]))
-        history = finetune(qmodel, fp32, train_loader, val_fn, fopts)
-        best = best_row(history)
-        if best is not None:
-            rows["QAT"] = {k: best[k] for k in METRICS}
-            rows["QAT"]["epoch"] = best["epoch"]
+        history = finetune(qmodel, fp32, train_loader, select_fn, fopts)
+        if main:
+            rows["QAT"], select_rows["QAT"] = _chosen_rows(wdir / "qat_best.pt", rows, select_rows, history,
+                                                           device, evaluate, opt.trusted)
     if main:
         (save_dir / "history.json").write_text(json.dumps(history, indent=1))
         if rows:
-            write_report(rows, save_dir, note=best_note(wdir / "qat_best.pt"))
+            write_report(rows, save_dir, note=best_note(wdir / "qat_best.pt") + _selection_note(select_rows))
         LOGGER.info(f"{colorstr('QAT: ')}results in {save_dir}; weights {wdir / 'qat_best.pt'}")
     _barrier()
-    return {"save_dir": save_dir, "rows": rows, "history": history, "best": wdir / "qat_best.pt",
-            "last": wdir / "qat_last.pt", "settings": settings, "model": qmodel}
+    return {"save_dir": save_dir, "rows": rows, "select_rows": select_rows, "history": history,
+            "best": wdir / "qat_best.pt", "last": wdir / "qat_last.pt", "settings": settings, "model": qmodel}
 
 
-def _auto_skip(opt, fp32, qmodel, settings, rows, evaluate, val_fn, save_dir):
-    """Rank 0 ranks layers and picks the float set; every rank gets the new settings."""
+def _chosen_rows(best_path, rows, select_rows, history, device, evaluate, trusted):
+    """qat_best.pt's numbers on val (the reported split) and on the selection split it was chosen by."""
+    from qat.checkpoint import load_qat
+    ckpt_model, _, ckpt = load_qat(best_path, device, trusted=trusted)
+    position = (int(ckpt.get("epoch", 0)), int(ckpt.get("iteration", 0)))
+    chosen = next((h for h in history if (h["epoch"], h["iteration"]) == position and "map" in h), None)
+    if chosen is None:  # the PTQ model stayed the best
+        val = rows.get("PTQ") or evaluate(ckpt_model, "qat_best.pt (= PTQ) on val")
+        sel = select_rows.get("PTQ", {})
+    else:
+        val = evaluate(ckpt_model, f"qat_best.pt (QAT step {chosen['step']}) on val")
+        sel = {k: chosen[k] for k in METRICS}
+    step = 0 if chosen is None else chosen["step"]
+    return {**{k: val[k] for k in METRICS}, "step": step}, {**{k: sel.get(k) for k in METRICS}, "step": step}
+
+
+def _selection_note(select_rows):
+    if not select_rows:
+        return ""
+    lines = ["", "", "Selection split (chooses qat_best.pt; never the split above):", "",
+             "| model | mAP50-95 | mAP50 |", "|---|---|---|"]
+    for name, r in select_rows.items():
+        if r.get("map") is not None:
+            lines.append(f"| {name} | {r['map']:.4f} | {r['map50']:.4f} |")
+    return "\n".join(lines)
+
+
+def _auto_skip(opt, fp32, qmodel, settings, select_fn, save_dir):
+    """Rank 0 ranks layers on the selection split and picks the float set; every rank gets the new settings."""
     from qat.sensitivity import auto_skip, layer_sensitivity, skip_regex, write_sensitivity
     skip = None
     if _main_rank():
-        fp32_map = rows["FP32"]["map"] if "FP32" in rows else evaluate(fp32, "FP32 (for --auto-skip)")["map"]
-        base, ranked = layer_sensitivity(qmodel, val_fn)
-        layers, reached, _ = auto_skip(qmodel, ranked, val_fn, fp32_map, opt.auto_skip, base_map=base)
+        fp32_map = select_fn(fp32)["map"]
+        base, ranked = layer_sensitivity(qmodel, select_fn)
+        layers, reached, _ = auto_skip(qmodel, ranked, select_fn, fp32_map, opt.auto_skip, base_map=base)
         skip = {"budget": opt.auto_skip, "layers": layers, "map": reached}
         write_sensitivity(save_dir, fp32_map, base, ranked, skip)
-        LOGGER.info(f"{colorstr('auto-skip: ')}layers {layers} stay float -> mAP50-95 {reached:.4f} "
-                    f"(FP32 {fp32_map:.4f}, budget {opt.auto_skip})")
+        LOGGER.info(f"{colorstr('auto-skip: ')}layers {layers} stay float -> mAP50-95 {reached:.4f} on the selection "
+                    f"split (FP32 {fp32_map:.4f}, budget {opt.auto_skip})")
     skip = _broadcast(skip)
     extra = [skip_regex(i) for i in skip["layers"] if skip_regex(i) not in settings.skip_layers]
     return QuantSettings.from_dict({**settings.to_dict(), "skip_layers": settings.skip_layers + extra})
@@ -527,11 +677,14 @@ def run_sensitivity(opt):
     stride = max(int(max(fp32.stride)), 32)
     imgsz = check_img_size(int(opt.imgsz or ckpt_opt.get("imgsz") or 640), stride)
     hyp = load_hyp(opt.hyp)
-    _, calib_loader, val_loader = make_loaders(data, imgsz, stride, opt, hyp)
-    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
+    save_dir = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)
+    train_src, select_src = selection_split(data, opt, save_dir)
+    _, calib_loader, val_loader = make_loaders(dict(data, train=train_src), imgsz, stride, opt, hyp)
+    save_dir.mkdir(parents=True, exist_ok=True)
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches)
+    select_fn = make_val_fn(data, make_select_loader(select_src, imgsz, stride, opt, hyp), imgsz, opt.batch_size * 2)
     fp32_map = val_fn(fp32)["map"]
-    qmodel = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir)
+    qmodel, _ = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir, select_fn)
     base, ranked = layer_sensitivity(qmodel, val_fn)
     skip = None
     if opt.auto_skip is not None:

@@ -4,7 +4,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from qat.compat import UserError
 
-CALIB_METHODS = ("max", "percentile", "mse", "entropy")
+CALIB_METHODS = ("auto", "max", "percentile", "mse", "entropy")  # auto: chosen by PTQ mAP (qat.pipeline)
 WEIGHT_BITS = (7, 8)
 RESIDUAL_QUANT = ("both", "shortcut")
 
@@ -12,7 +12,8 @@ RESIDUAL_QUANT = ("both", "shortcut")
 @dataclass
 class QuantSettings:
     """weight_bits: 8, or 7 for CPUs without VNNI (DESIGN.md section 5; exported as INT8 with |q| <= 63).
-    calib_method: activation calibration, 'max' or a histogram method ('percentile', 'mse', 'entropy').
+    calib_method: activation calibration, 'max' or a histogram method ('percentile', 'mse', 'entropy'), or
+    'auto' (histograms kept; qat.pipeline picks the rule by PTQ mAP on a selection split and stores it here).
     percentile: for 'percentile'. no_last_layer: keep the detection head (model.model[-1]) in float.
     skip_layers: regexes searched (re.search) in quantizer names such as
     'model.3.cv4.conv.input_quantizer', so '^model\\.22\\.' or 'model\\.3\\.cv4' keeps every quantizer

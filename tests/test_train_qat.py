@@ -132,7 +132,7 @@ def test_bad_input_one_line(tiny, tmp_path):
                        capture_output=True, text=True, timeout=120)
     lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert p.returncode == 2 and lines == ["error: argument --calib-method: invalid choice: 'minmax' (choose from "
-                                           "'max', 'percentile', 'mse', 'entropy') (see train_qat.py --help)"], \
+                                           "'auto', 'max', 'percentile', 'mse', 'entropy') (see train_qat.py --help)"], \
         p.stderr[-2000:]
 
 

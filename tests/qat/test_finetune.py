@@ -6,8 +6,8 @@ import torch
 from qat.calibrate import calibrate
 from qat.checkpoint import load_qat, save_qat
 from qat.compat import UserError
-from qat.finetune import (FinetuneOptions, LayerOutputs, Trainer, cosine_lr, distill_loss, finetune,
-                          supervised_layers)
+from qat.finetune import (FinetuneOptions, HeadIO, LayerOutputs, Trainer, block_layers, cosine_lr, distill_loss,
+                          finetune, kd_loss, learning_rate, supervised_layers)
 from qat.quantize import quantize_model
 from qat.settings import QuantSettings
 from qat_models import IMGSZ, fp32_model, images, interrupt_step_at
@@ -173,3 +173,59 @@ def test_diverging_training_stops_and_never_saves_nan(tmp_path, monkeypatch, cau
     for f in tmp_path.glob("qat_*.pt"):  # whatever was written holds finite weights
         model, _, _ = load_qat(f)
         assert all(torch.isfinite(p).all() for p in model.parameters()), f
+
+
+def test_recipes_schedules_and_targets():
+    """Each recipe's defaults, its distillation target, and the warm-up / plateau schedules."""
+    o = FinetuneOptions(recipe="blocks").validate()
+    assert (o.optimizer, o.lr, o.schedule) == ("Adam", 1e-5, "plateau")
+    assert [learning_rate(o, s, 100) for s in (0, 29, 30, 79, 80, 99)] == pytest.approx(
+        [1e-6, 1e-6, 1e-5, 1e-5, 1e-6, 1e-6])
+    o = FinetuneOptions(recipe="kd", lr=1e-4, optimizer="SGD").validate()  # explicit options win
+    assert (o.optimizer, o.lr, o.warmup) == ("SGD", 1e-4, 0.05)
+    assert learning_rate(o, 0, 100) == pytest.approx(1e-6) and learning_rate(o, 5, 100) == pytest.approx(
+        cosine_lr(o, 5, 100))
+    assert learning_rate(o, 2, 100) < learning_rate(o, 4, 100) < 1e-4
+    q, _ = _pair()
+    blocks = block_layers(q)
+    assert len(q.model) - 1 not in blocks and 0 in blocks
+    assert all(any(True for _ in q.model[i].parameters()) for i in blocks)
+    with pytest.raises(UserError, match="--recipe fast"):
+        FinetuneOptions(recipe="fast").validate()
+
+
+def test_kd_loss_is_zero_for_the_teacher_and_trains():
+    q, fp32 = _pair(weight_bits=7)
+    x = _batch()[0].float() / 255
+    hs, ht = HeadIO(q), HeadIO(fp32)
+    with torch.no_grad():
+        q.train()(x)
+        fp32.train()(x)
+        parts = kd_loss(hs.pop(), ht.pop(), 16)
+        fp32(x)
+        same = ht.pop()
+        self_parts = kd_loss(same, same, 16)
+    hs.remove()
+    ht.remove()
+    assert all(float(v) > 0 for v in parts.values())
+    assert all(abs(float(v)) < 1e-6 for v in self_parts.values())
+    trainer = Trainer(q, fp32, FinetuneOptions(recipe="kd", lr=1e-4))
+    steps = [trainer.step(_batch(), 1e-4)["distill"] for _ in range(8)]
+    trainer.close()
+    assert steps[-1] < steps[0], steps
+
+
+def test_eval_period_and_diagnostics(tmp_path):
+    """Evaluations every eval_period iterations, each with the INT8 weights changed since PTQ and
+    per-layer errors; lr 1e-12 changes no integer, lr 1e-3 changes many."""
+    loader = [_batch(seed=s) for s in range(3)]
+    val_fn = lambda m: {"mp": 0.5, "mr": 0.5, "map50": 0.5, "map": 0.1}  # noqa: E731
+    for lr, moved in ((1e-12, False), (1e-3, True)):
+        q, fp32 = _pair()
+        opts = FinetuneOptions(epochs=1, iters_per_epoch=4, lr=lr, eval_period=2, save_dir=tmp_path,
+                               settings=QuantSettings(), show=False)
+        history = finetune(q, fp32, loader, val_fn, opts)
+        assert [(h["epoch"], h["iteration"], h["step"]) for h in history] == [(0, 2, 2), (1, 0, 4)]
+        assert all(h["int_total"] > 0 and len(h["layer_error"]) == len(q.model) for h in history)
+        assert (history[-1]["int_changed"] > 0) == moved, history[-1]["int_changed"]
+        assert all(e >= 0 for e in history[-1]["layer_error"])

@@ -1,0 +1,244 @@
+"""Accuracy of the INT8 model: FP32, PTQ per calibration method, QAT per recipe and the deployed
+model (OpenVINO), as mean +- std over seeds, on the demo model and on a quantization-sensitive case.
+
+    python benchmarks/bench_accuracy.py                                    # the full run (hours on 2 cores)
+    python benchmarks/bench_accuracy.py --seeds 0 --val-images 16 --calib-batches 2 --select-images 8 \
+        --epochs 1 --iters-per-epoch 2 --methods max mse --recipes layers --cases demo --name tiny
+
+Every number comes from the project's own commands, run in this process: `train_qat.run_api`
+(train_qat.py) for PTQ (`--epochs 0`, one run per --calib-method) and QAT (one run per --recipe,
+calibration auto), `export_qat.run` + `val_trt.run --backend openvino` for the deployed row. A seed
+changes the calibration sample, the training data order and the held-out selection split
+(`--seed`); the val images stay the same (`--val-images N`: the first N val images, written as a
+list so that train_qat.py and val_trt.py see exactly the same ones).
+
+Cases: `demo` (8-bit weights) and `w7` (7-bit weights, what CPUs without VNNI need: coarser, so
+PTQ loses more; DESIGN.md section 5). Rows whose protocol differs are kept apart: train_qat.py
+evaluates with rectangular batches (val.py), val_trt.py with square letterbox batches, so the
+deployed row is compared with the fake-quant row of the same val_trt run.
+
+Writes benchmarks/results/accuracy-<name>.{md,json,png}.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils.general import LOGGER, UserError, check_dataset, run_cli, yaml_save  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CASES = {"demo": {"weight_bits": 8}, "w7": {"weight_bits": 7}}
+METHODS = ("max", "percentile", "mse", "entropy", "auto")
+RECIPES = ("layers", "blocks", "kd")
+
+
+def subset_data(data, n_val, work):
+    """A data yaml whose val is the first n_val val images (0: all), as an image list in `work`."""
+    from utils.dataloaders import list_image_files
+    d = check_dataset(data)
+    out = {k: d[k] for k in ("nc", "names")}
+    out["train"] = d["train"]
+    files = list_image_files(d["val"], "val: ")
+    if n_val:
+        files = files[:n_val]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "val.txt").write_text("\n".join(files) + "\n")
+    out["val"] = str(work / "val.txt")
+    yaml_save(work / "data.yaml", out)
+    return str(work / "data.yaml")
+
+
+def _metrics(row):
+    return {k: float(row[k]) for k in ("map", "map50")}
+
+
+def deployed(best_pt, data, imgsz, work, name):
+    """Export qat_best.pt and validate it on OpenVINO (val_trt protocol): deployed and fake-quant rows."""
+    import export_qat
+    import val_trt
+    export_qat.run(weights=str(best_pt), imgsz=[imgsz], device="cpu")
+    r = val_trt.run(data=data, onnx=str(Path(best_pt).with_suffix(".onnx")), weights=str(best_pt), imgsz=imgsz,
+                    batch_size=8, backend="openvino", device="cpu", workers=1, reference=False,
+                    project=str(work / "val_trt"), name=name, exist_ok=True)
+    rows = {row["model"]: row for row in r["rows"]}
+    fake = next((v for k, v in rows.items() if "fake-quant" in k), None)
+    dep = next((v for k, v in rows.items() if "OpenVINO" in k or "openvino" in str(v.get("runtime", "")).lower()),
+               None)
+    pick = lambda v: {"map": float(v["mAP50-95"]), "map50": float(v["mAP50"])} if v else None  # noqa: E731
+    return pick(dep), pick(fake)
+
+
+def run_case(case, seed, opt, data, work):
+    """{row label: {'map', 'map50'}} for one case and one seed."""
+    import train_qat
+    base = dict(weights=opt.weights, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size, device="cpu",
+                workers=opt.workers, calib_batches=opt.calib_batches, select_images=opt.select_images, seed=seed,
+                weight_bits=CASES[case]["weight_bits"], project=str(work / "runs"), exist_ok=True)
+    rows = {}
+    for i, method in enumerate(opt.methods):
+        r = train_qat.run_api(**base, calib_method=method, epochs=0, no_eval_origin=i > 0,
+                              name=f"{case}-ptq-{method}-s{seed}")
+        if "FP32" in r["rows"]:
+            rows["FP32"] = _metrics(r["rows"]["FP32"])
+        row = _metrics(r["rows"]["PTQ"])
+        if method == "auto":  # which rule the selection split chose
+            st = r["settings"]
+            row["chosen"] = f"percentile {st.percentile:g}" if st.calib_method == "percentile" else st.calib_method
+        rows[f"PTQ {method}"] = row
+    for recipe in opt.recipes:
+        name = f"{case}-qat-{recipe}-s{seed}"
+        r = train_qat.run_api(**base, calib_method="auto", recipe=recipe, epochs=opt.epochs,
+                              iters_per_epoch=opt.iters_per_epoch, eval_period=opt.eval_period,
+                              no_eval_origin="FP32" in rows, name=name)
+        if "FP32" in r["rows"]:
+            rows["FP32"] = _metrics(r["rows"]["FP32"])
+        if "PTQ auto" not in rows:  # the QAT run's own starting point: the same auto calibration and seed
+            st = r["settings"]
+            rows["PTQ auto"] = {**_metrics(r["rows"]["PTQ"]), "chosen": f"percentile {st.percentile:g}"
+                                if st.calib_method == "percentile" else st.calib_method}
+        rows[f"QAT {recipe}"] = {**_metrics(r["rows"]["QAT"]), "chosen": f"step {r['rows']['QAT'].get('step', 0)}"}
+        if opt.deploy and recipe == opt.recipes[0]:
+            dep, fake = deployed(r["best"], data, opt.imgsz, work, name)
+            if dep:
+                rows[f"deployed OpenVINO (QAT {recipe}, val_trt protocol)"] = dep
+            if fake:
+                rows[f"fake-quant (QAT {recipe}, val_trt protocol)"] = fake
+    return rows
+
+
+def summarise(per_seed):
+    """{case: {label: [rows over seeds]}} -> {case: [{'model', 'n', 'map_mean', 'map_std', ...}]}."""
+    out = {}
+    for case, labels in per_seed.items():
+        fp32 = labels.get("FP32")
+        ref = statistics.mean(r["map"] for r in fp32) if fp32 else None
+        table = []
+        for label, rs in labels.items():
+            maps = [r["map"] for r in rs]
+            entry = {"model": label, "n": len(rs), "map_mean": statistics.mean(maps),
+                     "map_std": statistics.stdev(maps) if len(maps) > 1 else 0.0,
+                     "map50_mean": statistics.mean(r["map50"] for r in rs)}
+            if any("chosen" in r for r in rs):  # auto's rule / qat_best.pt's QAT step (0: PTQ) per seed
+                entry["chosen"] = [r.get("chosen") for r in rs]
+            if ref is not None and "val_trt" not in label:
+                entry["d_map_mean"] = entry["map_mean"] - ref
+            table.append(entry)
+        out[case] = table
+    return out
+
+
+def recovered(table):
+    """Share of the PTQ (auto) drop that each QAT recipe wins back, from the means."""
+    by = {r["model"]: r for r in table}
+    fp32, ptq = by.get("FP32"), by.get("PTQ auto")
+    if not (fp32 and ptq) or fp32["map_mean"] - ptq["map_mean"] <= 0:
+        return {}
+    drop = fp32["map_mean"] - ptq["map_mean"]
+    return {r["model"]: (r["map_mean"] - ptq["map_mean"]) / drop for r in table if r["model"].startswith("QAT")}
+
+
+def to_markdown(result):
+    o = result["options"]
+    lines = ["# INT8 accuracy: calibration methods, QAT recipes, deployed model", "",
+             f"{result['date']}, {o['weights']}, {o['imgsz']} px, val images: {o['val_images'] or 'all'}, "
+             f"seeds {o['seeds']}, calibration {o['calib_batches']} batches of {o['batch_size']}, selection split "
+             f"{o['select_images']} held-out train images, QAT {o['epochs']} x {o['iters_per_epoch']} iterations. "
+             f"{result['seconds']:.0f} s.", "",
+             "mAP50-95 mean +- std over seeds; Δ against FP32 (train_qat.py protocol). `PTQ auto` picks the rule "
+             "on the selection split, never on val; a QAT row is qat_best.pt, chosen on the selection split "
+             "(step 0: no QAT evaluation beat PTQ there).", "", f"Command: `{result['command']}`"]
+    for case, table in result["summary"].items():
+        lines += ["", f"## {case} (weights {CASES[case]['weight_bits']}-bit)", "",
+                  "| model | mAP50-95 | Δ vs FP32 | mAP50 | seeds | chosen per seed |", "|---|---|---|---|---|---|"]
+        for r in table:
+            d = f"{r['d_map_mean']:+.4f}" if "d_map_mean" in r else ""
+            lines.append(f"| {r['model']} | {r['map_mean']:.4f} ± {r['map_std']:.4f} | {d} | {r['map50_mean']:.4f} "
+                         f"| {r['n']} | {', '.join(map(str, r.get('chosen', [])))} |")
+        rec = recovered(table)
+        if rec:
+            lines += ["", "Share of the PTQ (auto) drop recovered: " +
+                      ", ".join(f"{k} {v:.0%}" for k, v in rec.items())]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = list(result["summary"])
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        table = result["summary"][case]
+        labels = [r["model"].replace(" (", "\n(") for r in table]
+        ax.barh(range(len(table)), [r["map_mean"] for r in table], xerr=[r["map_std"] for r in table], color="#4c72b0")
+        ax.set_yticks(range(len(table)), labels, fontsize=7)
+        lo = min(r["map_mean"] - r["map_std"] for r in table)
+        hi = max(r["map_mean"] + r["map_std"] for r in table)
+        ax.set_xlim(max(0.0, lo - 0.1 * (hi - lo + 1e-3)), hi + 0.1 * (hi - lo + 1e-3))
+        ax.invert_yaxis()
+        ax.set_xlabel("mAP50-95 (mean ± std over seeds)")
+        ax.set_title(f"{case} ({CASES[case]['weight_bits']}-bit weights)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_opt(argv=None):
+    p = argparse.ArgumentParser(description="INT8 accuracy benchmark (mean +- std over seeds)")
+    p.add_argument("--weights", default=str(ROOT / "weights/demo-gelan.pt"))
+    p.add_argument("--data", default=str(ROOT / "data/demo.yaml"))
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                   help="PTQ rows (none: PTQ auto comes from the QAT runs)")
+    p.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES), help="none: PTQ only")
+    p.add_argument("--val-images", type=int, default=0, help="first N val images (0: all)")
+    p.add_argument("--calib-batches", type=int, default=32)
+    p.add_argument("--select-images", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--iters-per-epoch", type=int, default=60)
+    p.add_argument("--eval-period", type=int, default=20)
+    p.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip export + OpenVINO")
+    p.add_argument("--name", default="demo-gelan")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    opt = parse_opt(argv)
+    if len(set(opt.seeds)) < len(opt.seeds):
+        raise UserError("--seeds must be distinct")
+    t0 = time.time()
+    work = ROOT / "runs" / "bench_accuracy" / opt.name
+    data = subset_data(opt.data, opt.val_images, work)
+    per_seed = {}
+    for case in opt.cases:
+        per_seed[case] = {}
+        for seed in opt.seeds:
+            LOGGER.info(f"bench_accuracy: case {case}, seed {seed}")
+            for label, row in run_case(case, seed, opt, data, work).items():
+                per_seed[case].setdefault(label, []).append(row)
+    result = {"date": datetime.now().isoformat(timespec="seconds"), "options": vars(opt),
+              "command": "python benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "per_seed": per_seed, "summary": summarise(per_seed), "seconds": time.time() - t0}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"accuracy-{opt.name}"
+    text = to_markdown(result)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    chart(result, stem.with_suffix(".png"))
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,28 @@
+"""benchmarks/bench_accuracy.py: mean +- std over seeds, share of the PTQ drop recovered, the report
+and chart (the real numbers come from running it; a tiny end-to-end run is too slow for the suite)."""
+import pytest
+
+from benchmarks import bench_accuracy as bench
+
+
+def _per_seed():
+    fp32 = {"map": 0.50, "map50": 0.7}
+    return {"w7": {"FP32": [fp32, fp32, fp32],
+                   "PTQ auto": [{"map": m, "map50": 0.6, "chosen": c} for m, c in ((0.48, "mse"), (0.49, "max"),
+                                                                                    (0.47, "mse"))],
+                   "QAT layers": [{"map": m, "map50": 0.6, "chosen": "step 60"} for m in (0.496, 0.497, 0.495)]}}
+
+
+def test_summary_recovered_and_report(tmp_path):
+    summary = bench.summarise(_per_seed())
+    by = {r["model"]: r for r in summary["w7"]}
+    assert by["PTQ auto"]["map_mean"] == pytest.approx(0.48) and by["PTQ auto"]["map_std"] == pytest.approx(0.01)
+    assert by["PTQ auto"]["d_map_mean"] == pytest.approx(-0.02) and by["PTQ auto"]["chosen"] == ["mse", "max", "mse"]
+    assert bench.recovered(summary["w7"]) == {"QAT layers": pytest.approx(0.8)}  # 0.016 of a 0.02 drop
+    result = {"date": "d", "seconds": 1.0, "command": "c", "summary": summary,
+              "options": {"weights": "w", "imgsz": 64, "val_images": 4, "seeds": [0, 1, 2], "calib_batches": 1,
+                          "batch_size": 2, "select_images": 2, "epochs": 1, "iters_per_epoch": 2}}
+    text = bench.to_markdown(result)
+    assert "| PTQ auto | 0.4800 ± 0.0100 | -0.0200 |" in text and "QAT layers 80%" in text
+    bench.chart(result, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
