@@ -148,7 +148,7 @@ def main(argv=None):
     fp32_ms, int8_ms = _latency_ratio(fp32_pt.with_suffix(".onnx"), qat_best.with_suffix(".onnx"), opt.threads,
                                       imgsz=opt.imgsz)
 
-    from qat.pipeline import best_note
+    from qat.report import best_note
 
     report = json.loads((qat_dir / "report.json").read_text())
     deployed = json.loads((ROOT / "runs/val_trt" / opt.name / "results.json").read_text())

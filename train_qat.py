@@ -32,7 +32,8 @@ import torch.distributed as dist  # noqa: E402
 
 from qat.compat import UserError, run_cli  # noqa: E402
 from utils.cli import ArgumentParser  # noqa: E402
-from qat.pipeline import add_common_args, add_finetune_args, run, run_sensitivity  # noqa: E402
+from qat.options import add_common_args, add_finetune_args  # noqa: E402
+from qat.pipeline import run, run_sensitivity  # noqa: E402
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # this yolov9-qat checkout
 INSTALL_ITEMS = ["qat", "train_qat.py", "export_qat.py", "val_trt.py"]  # copied whole (qat/ with subpackages)
-# What the installed tools read by default (qat/pipeline.py DEFAULT_HYP / DEFAULT_DATA / DEFAULT_WEIGHTS).
+# What the installed tools read by default (qat/options.py DEFAULT_HYP / DEFAULT_DATA / DEFAULT_WEIGHTS).
 INSTALL_DATA = ["data/hyps/hyp.qat.yaml", "data/demo.yaml", "weights/demo-gelan.pt"]
 # Our extra packages, pinned as in our requirements.txt, written into the clone for its environment.
 REQUIREMENTS, CLONE_REQUIREMENTS = "requirements.txt", "requirements-qat.txt"

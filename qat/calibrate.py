@@ -27,13 +27,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from qat.distributed import is_distributed
 from qat.modules import ACT_BITS, HISTOGRAM_METHODS, QuantConv2d, WeightQuantizer
 from qat.quantize import quantizer_summary, unique_quantizers
 from qat.settings import QuantSettings
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
 
 def _as_images(batch, device):
     """A batch from a DataLoader (imgs, targets, ...) or a tensor -> float 0-1 images on device."""
@@ -293,16 +290,16 @@ def calibrate(model, batches, settings=None, device=None, max_batches=None, show
         q.disable_quant()
         q.enable_calib()
     try:
-        if histogram and _distributed():
+        if histogram and is_distributed():
             for q in quantizers:
                 q.disable_calib()
             _fixed_histogram_edges(model, quantizers, batches, device, n, show)
             for q in quantizers:
                 q.enable_calib()
         seen = _run(model, batches, device, n, f"calibrate ({method})", show)
-        if seen == 0 and not _distributed():
+        if seen == 0 and not is_distributed():
             raise ValueError("calibrate: no batches to calibrate on")
-        if _distributed():
+        if is_distributed():
             _merge_across_ranks(quantizers, histogram, device)
         for q in quantizers:
             q.disable_calib()

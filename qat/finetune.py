@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qat.compat import UserError
+from qat.distributed import current_rank, is_distributed
 from qat.quantize import prepare_for_training
 
 LOSSES = ("distill", "det", "both")
@@ -131,10 +132,6 @@ def weights_finite(model):
     """True when every parameter is finite (one reduction per tensor, one host sync)."""
     flags = [torch.isfinite(p).all() for p in model.parameters()]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else -1
 
 
 def _flat(x):
@@ -358,7 +355,7 @@ class Trainer:
                 raise UserError("--loss det/both needs the loss gains (box, cls, dfl): pass --hyp")
             self.compute_loss = _detection_loss(model)
         self.ddp = None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dev = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=dev)
         self.optimizer = make_optimizer(model, opts)
@@ -419,7 +416,7 @@ def finetune(model, fp32_model, train_loader, val_fn, opts):
     from qat.checkpoint import save_qat
 
     trainer = Trainer(model, fp32_model, opts)
-    rank = _rank()
+    rank = current_rank()
     main = rank in (-1, 0)
     iters = opts.iters_per_epoch or len(train_loader)
     total = opts.epochs * iters

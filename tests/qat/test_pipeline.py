@@ -6,7 +6,8 @@ import pytest
 
 from qat.calibrate import calibrate, candidate_amaxes
 from qat.compat import UserError
-from qat.pipeline import choose_calibration, selection_split
+from qat.evaluation import selection_split
+from qat.pipeline import choose_calibration
 from qat.quantize import quantize_model, quantizer_summary
 from qat.settings import QuantSettings
 from qat_models import fp32_model, images

@@ -1,0 +1,163 @@
+"""What the QAT run reads and measures with: the data (the demo data made on first use), the FP32
+checkpoint, the train / calibration / selection / val loaders, and val.run as a function of the
+model. The selection split (choices are never made on the reported val split) is made here."""
+import inspect
+import itertools
+import random
+from pathlib import Path
+
+from qat.compat import UserError, attempt_load, load_checkpoint
+from qat.distributed import WORLD_SIZE, barrier, is_main_rank
+from qat.options import DEFAULT_DATA, DEFAULT_WEIGHTS, ROOT
+from utils.general import LOGGER, check_dataset, colorstr
+
+METRICS = ("map", "map50", "mp", "mr")
+
+
+def load_data(data):
+    """check_dataset; the default demo data is generated the first time it is needed."""
+    if isinstance(data, dict):
+        return data
+    try:
+        return check_dataset(data)
+    except UserError:
+        if Path(data).resolve() != Path(DEFAULT_DATA).resolve():
+            raise
+    if is_main_rank():
+        from utils.demo_data import main as demo_data
+        LOGGER.info(f"{colorstr('data: ')}generating the demo dataset (python -m utils.demo_data --out datasets/demo)")
+        if demo_data(["--out", str(ROOT / "datasets/demo"), "--data", DEFAULT_DATA]):
+            raise UserError("could not generate the demo data: run python -m utils.demo_data --out datasets/demo")
+    barrier()
+    return check_dataset(data)
+
+def check_demo_weights(weights):
+    """The default checkpoint is made by training, never downloaded: say so before anything runs."""
+    if weights and not Path(weights).exists() and Path(weights).resolve() == Path(DEFAULT_WEIGHTS).resolve():
+        raise UserError(f"the demo checkpoint {weights} is not there: train it first (python train.py --cfg "
+                        f"models/detect/gelan-t.yaml --data data/demo.yaml ...) or pass --weights")
+
+def load_fp32(weights, device, trusted=False):
+    """-> (fused FP32 model in eval mode, checkpoint's training opt dict)."""
+    weights = str(weights)
+    check_demo_weights(weights)
+    ckpt = load_checkpoint(weights, trusted=trusted)
+    from qat.checkpoint import is_qat_checkpoint
+    if is_qat_checkpoint(ckpt):
+        LOGGER.warning(f"WARNING: {weights} is a QAT checkpoint: starting again from its FP32 weights "
+                       f"(use --resume to continue that run)")
+    ckpt_opt = ckpt.get("opt") if isinstance(ckpt.get("opt"), dict) else {}
+    del ckpt
+    model = attempt_load(weights, device=device, fuse=True, trusted=trusted)
+    return model.float().eval(), ckpt_opt
+
+def model_nc(model):
+    return int(getattr(model.model[-1], "nc", getattr(model, "nc", 0)))
+
+def check_nc(model, data, weights, data_name="the data"):
+    nc, ncm = int(data["nc"]), model_nc(model)
+    if ncm != nc:
+        raise UserError(f"{weights} predicts {ncm} classes but {data_name} has {nc}: "
+                        f"pass the --data the weights were trained on")
+
+class FirstBatches:
+    """The first n batches of a DataLoader (n=0: all), with len() for progress bars."""
+
+    def __init__(self, loader, n=0):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n) if self.n else iter(self.loader)
+
+    def __len__(self):
+        return min(len(self.loader), self.n) if self.n else len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+def make_loaders(data, imgsz, stride, opt, hyp, rank=-1):
+    """-> (train loader (this rank's shard), calibration loader (the same one unless --augment:
+    calibration sees plain images), val loader or None (rank 0)). Arguments after `stride` by
+    keyword only, and only those upstream's create_dataloader has too (plus `nc` where it exists)."""
+    from utils.dataloaders import create_dataloader
+    bs = opt.batch_size // max(WORLD_SIZE, 1)
+    augment = bool(getattr(opt, "augment", False))
+    nc = int(data["nc"])
+    # our scan skips and counts labels of a class >= nc; an upstream clone's does not know nc
+    scan_checks_nc = "nc" in inspect.signature(create_dataloader).parameters
+
+    def loader(split, batch_size, **kw):
+        loader, dataset = create_dataloader(data[split], imgsz, batch_size, stride, hyp=hyp,
+                                            **kw, **({"nc": nc} if scan_checks_nc else {}))
+        if not scan_checks_nc:
+            check_label_classes(dataset, nc, split)
+        return loader
+
+    def train_split(aug, prefix):
+        # --seed: calibration sample, data order (upstream's create_dataloader has no seed)
+        seed = {"seed": int(getattr(opt, "seed", 0))} if "seed" in inspect.signature(create_dataloader).parameters \
+            else {}
+        return loader("train", bs, augment=aug, rect=False, rank=rank, workers=opt.workers, shuffle=True,
+                      prefix=colorstr(prefix), **seed)
+
+    train = train_split(augment, "train: ")
+    calib = train_split(False, "calibration: ") if augment else train
+    val = None
+    if rank in (-1, 0):
+        val = loader("val", bs * 2, augment=False, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
+                     prefix=colorstr("val: "))
+    return train, calib, val
+
+def check_label_classes(dataset, nc, split):
+    """Upstream clones: refuse a split with a label of class >= nc (their scan does not check it)."""
+    for file, labels in zip(dataset.label_files, dataset.labels):
+        if len(labels) and labels[:, 0].max() >= nc:
+            raise UserError(f"{file}: class {labels[:, 0].max():g} but the data has nc={nc} ({split} split): "
+                            f"fix the label or the data yaml's names")
+
+def make_val_fn(data, val_loader, imgsz, batch_size, n_batches=0):
+    """model -> {'mp', 'mr', 'map50', 'map'} through val.run (upstream's signature)."""
+    import val as validate
+    loader = FirstBatches(val_loader, n_batches)
+
+    def val_fn(model):
+        results, _, _ = validate.run(data, batch_size=batch_size, imgsz=imgsz, model=model, dataloader=loader,
+                                     half=False, plots=False, save_dir=Path(""), compute_loss=None)
+        model.float()
+        return dict(zip(("mp", "mr", "map50", "map"), (float(x) for x in results[:4])))
+
+    return val_fn
+
+def selection_split(data, opt, save_dir):
+    """-> (train source for training and calibration, selection source). With --select-split the
+    train set stays whole; otherwise --select-images train images (at most half of them, chosen
+    with --seed) are held out: splits/train.txt and splits/select.txt in the run folder (kept on
+    --resume so the split never changes within a run)."""
+    from utils.dataloaders import list_image_files
+    if opt.select_split:
+        select = Path(opt.select_split)
+        if not select.exists() and isinstance(data.get(opt.select_split), (str, list)):
+            return data["train"], data[opt.select_split]  # a key of the data yaml, e.g. 'test'
+        list_image_files(str(select), "--select-split ")  # one-line error when there are no images
+        return data["train"], str(select)
+    split_dir = Path(save_dir) / "splits"
+    train_txt, select_txt = split_dir / "train.txt", split_dir / "select.txt"
+    if not (train_txt.is_file() and select_txt.is_file()):
+        files = list_image_files(data["train"], "train: ")
+        n = min(int(opt.select_images), len(files) // 2)
+        if n < 1:
+            raise UserError(f"train has {len(files)} image(s): too few to hold out a selection split; "
+                            f"pass --select-split")
+        held = set(random.Random(opt.seed).sample(range(len(files)), n))
+        if is_main_rank():
+            split_dir.mkdir(parents=True, exist_ok=True)
+            train_txt.write_text("\n".join(f for i, f in enumerate(files) if i not in held) + "\n")
+            select_txt.write_text("\n".join(files[i] for i in sorted(held)) + "\n")
+    barrier()  # every rank, whether or not it saw the lists already
+    return str(train_txt), str(select_txt)
+
+def make_select_loader(select, imgsz, stride, opt, hyp):
+    from utils.dataloaders import create_dataloader
+    bs = 2 * opt.batch_size // max(WORLD_SIZE, 1)
+    return create_dataloader(select, imgsz, bs, stride, hyp=hyp, augment=False, rect=True, rank=-1,
+                             workers=opt.workers * 2, pad=0.5, prefix=colorstr("select: "))[0]
