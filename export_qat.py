@@ -33,15 +33,9 @@ def _drop_head_quantizers(model):
     """--no-last-layer on a checkpoint trained with a quantized head: every quantizer slot of the
     head gets a disabled quantizer of its own (as qat.quantize does for skipped layers), so a
     quantizer the head shares with other layers stays active there."""
-    from qat.modules import disabled_quantizer
-    from qat.rules import quantizer_slots
+    from qat.quantize import disable_slots, head_prefix
 
-    prefix = f"model.{len(model.model) - 1}."
-    n = 0
-    for name, parent, attr, _ in quantizer_slots(model):
-        if name.startswith(prefix):
-            setattr(parent, attr, disabled_quantizer())
-            n += 1
+    n = len(disable_slots(model, [head_prefix(model)]))
     if isinstance(getattr(model, "qat", None), dict):
         model.qat.setdefault("settings", {})["no_last_layer"] = True
     return n

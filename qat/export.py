@@ -55,10 +55,12 @@ def _quantizers_disabled(module):
 def float_layers(model):
     """Regexes of the layers that export without Q/DQ: the head under --no-last-layer, the
     --skip-layers patterns, and every individual convolution whose quantizers are disabled."""
+    from qat.quantize import head_prefix
+
     pats = []
     settings = getattr(model, "qat", {}).get("settings", {}) if isinstance(getattr(model, "qat", None), dict) else {}
     if settings.get("no_last_layer"):
-        pats.append(re.escape(f"model.{len(model.model) - 1}") + r"\.")
+        pats.append(re.escape(head_prefix(model)))
     pats += list(settings.get("skip_layers") or [])
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and hasattr(m, "weight_quantizer") and _quantizers_disabled(m):
@@ -161,7 +163,7 @@ class End2End(nn.Module):
 def _add_metadata(path, meta):
     import onnx
 
-    from qat.graph import _save
+    from qat.graph import save_onnx
 
     m = onnx.load(str(path))
     existing = {p.key: p for p in m.metadata_props}
@@ -171,7 +173,7 @@ def _add_metadata(path, meta):
             existing[k].value = value
         else:
             m.metadata_props.add(key=k, value=value)
-    _save(m, path)
+    save_onnx(m, path)
 
 
 def _names(model):

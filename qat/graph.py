@@ -156,7 +156,7 @@ def find_pairs(graph):
     return pairs
 
 
-def _is_float_cast(node):
+def is_float_cast(node):
     """A Cast to a float type whose input is a float tensor of that same type (a no-op)."""
     if node.op != "Cast":
         return False
@@ -193,7 +193,7 @@ def scale_classes(graph, pairs=None):
     group_ops = defaultdict(list)
     for n in graph.nodes:
         ins, outs = variables(n.inputs), variables(n.outputs)
-        if n.op in PRESERVE_OPS and ins and (n.op != "Cast" or _is_float_cast(n)):
+        if n.op in PRESERVE_OPS and ins and (n.op != "Cast" or is_float_cast(n)):
             for t in outs:
                 uf.union(ins[0].name, t.name)
         elif n.op in JOIN_OPS and ins:
@@ -244,7 +244,7 @@ def _bypass(graph, node, keep_output_name=True):
 def remove_float_casts(graph):
     n = 0
     for node in list(graph.nodes):
-        if _is_float_cast(node) and _bypass(graph, node):
+        if is_float_cast(node) and _bypass(graph, node):
             n += 1
     return n
 
@@ -376,11 +376,11 @@ def postprocess(onnx_path, out=None, unify=True):
               "scale_changes": [(n, float(a), float(b)) for n, a, b in changes], "duplicates_merged": merged,
               "dead_removed": max(dead, 0), "groups": len(classes), "groups_agreeing": agreeing,
               "qdq": qdq_counts(graph)}
-    _save(out_model, out or onnx_path)
+    save_onnx(out_model, out or onnx_path)
     return report
 
 
-def _save(model, path):
+def save_onnx(model, path):
     """Save atomically: a reader never sees half a model."""
     from qat.compat import atomic_output
 

@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from qat.compat import UserError, run_cli
-from qat.graph import (_is_float_cast, find_pairs, import_graph, load_model, metadata, scale_classes)
+from qat.graph import (is_float_cast, find_pairs, import_graph, load_model, metadata, scale_classes)
 
 # The DFL's fixed 1x1 convolution (the box-decoding integral) is float by design in every model.
 ALWAYS_FLOAT = (r"\.dfl\d*\.conv$",)
@@ -155,7 +155,7 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
     for n in graph.nodes:
         if n.outputs and all(not t.outputs and id(t) not in outputs for t in n.outputs):
             v.append(f"{n.name or n.op}: {n.op} output is never used (dangling node)")
-        if _is_float_cast(n):
+        if is_float_cast(n):
             v.append(f"{n.name}: float-to-float Cast left in the graph (qat.graph.postprocess removes it)")
     return v
 

@@ -35,6 +35,19 @@ def head_prefix(model):
     return f"model.{len(model.model) - 1}."
 
 
+def disable_slots(model, prefixes):
+    """Give every quantization point whose slot name starts with one of `prefixes` a disabled
+    quantizer of its own (a quantizer it shares with other layers stays active there). Returns
+    [(parent, attr, previous quantizer)] so a caller can put them back."""
+    from qat.rules import quantizer_slots
+
+    prefixes = tuple(prefixes)
+    slots = [(parent, attr, q) for name, parent, attr, q in quantizer_slots(model) if name.startswith(prefixes)]
+    for parent, attr, _ in slots:
+        setattr(parent, attr, disabled_quantizer())
+    return slots
+
+
 def slot_skipped(name, model, settings):
     return (settings.no_last_layer and name.startswith(head_prefix(model))) or settings.skips(name)
 

@@ -11,7 +11,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from qat.modules import disabled_quantizer
+from qat.quantize import disable_slots
 from qat.rules import quantizer_slots
 
 
@@ -26,10 +26,7 @@ def skip_regex(i):
 @contextmanager
 def layers_in_float(model, layers):
     """Temporarily give every quantization point of the given top-level layers its own disabled quantizer."""
-    prefixes = tuple(layer_prefix(i) for i in layers)
-    slots = [(parent, attr, q) for name, parent, attr, q in quantizer_slots(model) if name.startswith(prefixes)]
-    for parent, attr, _ in slots:
-        setattr(parent, attr, disabled_quantizer())
+    slots = disable_slots(model, (layer_prefix(i) for i in layers))
     try:
         yield len(slots)
     finally:

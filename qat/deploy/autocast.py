@@ -41,7 +41,7 @@ def fp16_onnx(onnx_path, out_path=None, qdq_scales="fp32"):
     (default: `<stem>.fp16.onnx` beside the input). The metadata (names, strides, ...) is kept."""
     import onnx
 
-    from qat.graph import _save
+    from qat.graph import save_onnx
 
     if qdq_scales not in QDQ_SCALE_FORMS:
         raise UserError(f"qdq_scales '{qdq_scales}' is unknown: use one of {', '.join(QDQ_SCALE_FORMS)}")
@@ -62,5 +62,5 @@ def fp16_onnx(onnx_path, out_path=None, qdq_scales="fp32"):
         raise UserError(f"ModelOpt AutoCast could not convert {onnx_path.name} to FP16: {first}") from None
     del model.metadata_props[:]
     model.metadata_props.extend(source.metadata_props)  # AutoCast drops them; strides/names live there
-    _save(model, out_path)
+    save_onnx(model, out_path)
     return out_path
