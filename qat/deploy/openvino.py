@@ -195,11 +195,13 @@ def _read_onnx(core, onnx_model):
 
 
 def prepare_onnx(onnx_model, choice, stacklevel=3):
-    """Apply `choice` to the Q/DQ ONNX in place: the activation form, the weight bits (re-quantizing
-    8-bit weights to 7 with a warning where needed). Returns {'uint8_rewritten', 'weights_requantized',
-    'weight_max_q'}."""
+    """Apply `choice` to the Q/DQ ONNX in place: one Q/DQ before each split tensor instead of one per
+    part (`quantize_before_slices`), the activation form, the weight bits (re-quantizing 8-bit weights
+    to 7 with a warning where needed). Returns {'uint8_rewritten', 'weights_requantized',
+    'weight_max_q', 'slices_hoisted'}."""
     info = {"uint8_rewritten": 0, "weights_requantized": [],
-            "weight_max_q": max(weight_levels(onnx_model).values(), default=0)}
+            "weight_max_q": max(weight_levels(onnx_model).values(), default=0),
+            "slices_hoisted": quantize_before_slices(onnx_model)}
     if choice.act_form == "uint8":
         info["uint8_rewritten"] = activations_to_uint8(onnx_model)
     if choice.weight_bits == 7 and info["weight_max_q"] > 64:
@@ -357,21 +359,117 @@ def conv_precisions(compiled):
     return {"int8": int8, "float": flt, "total": int8 + flt}
 
 
-def op_profile(request, top=12):
-    """Per-op profile of the last call of an infer request compiled with PERF_COUNT: rows
-    {'op', 'kernel', 'count', 'ms', 'share'} grouped by op type and kernel, slowest first."""
+def op_profile(request, x, calls=5, top=12):
+    """Per-op profile of an infer request compiled with PERF_COUNT, over `calls` calls: every node's
+    median time (a node that lost its core to another process in one call does not count), grouped by
+    op type and kernel, slowest first: rows {'op', 'kernel', 'count', 'ms', 'share'}."""
+    per_node = defaultdict(list)
+    kind = {}
+    for _ in range(calls):
+        request.infer({0: x})
+        for p in request.get_profiling_info():
+            per_node[p.node_name].append(p.real_time.total_seconds() * 1e3)
+            kind[p.node_name] = (p.node_type, p.exec_type)
     agg = defaultdict(lambda: [0, 0.0])
-    for p in request.get_profiling_info():
-        ms = p.real_time.total_seconds() * 1e3
-        if ms <= 0 and p.exec_type in ("undef", "unknown_FP32"):
-            continue
-        a = agg[(p.node_type, p.exec_type)]
+    for node, times in per_node.items():
+        ms = statistics.median(times)
+        if ms <= 0:
+            continue  # folded away or a no-op view
+        a = agg[kind[node]]
         a[0] += 1
         a[1] += ms
     total = sum(ms for _, ms in agg.values()) or 1.0
     rows = [{"op": op, "kernel": kernel, "count": n, "ms": ms, "share": ms / total}
             for (op, kernel), (n, ms) in sorted(agg.items(), key=lambda kv: -kv[1][1])]
-    return rows[:top]
+    return {"total_ms": total, "ops": rows[:top]}
+
+
+def float_precisions():
+    """The float options the CPU plugin offers, fastest-first candidates: {label: precision}. The
+    runtime's default (bf16 where the CPU has it, e.g. AMX or AVX512_BF16) and forced f32."""
+    import openvino as ov
+
+    default = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    default = {"<Type: 'bfloat16'>": "bf16", "<Type: 'float32'>": "f32", "<Type: 'float16'>": "f16"}.get(default, default)
+    return {f"default ({default})": None, "f32": "f32"}
+
+
+def time_round_robin(models, shape, threads=None, iters=5, rounds=4, warmup=2, profile=()):
+    """Latency of OpenVINO models measured side by side: {label: (ov.Model, precision or None)} ->
+    {label: row}. Every model is compiled for `shape` (B, 3, H, W), then the models take turns,
+    `iters` calls each per round, so load on a shared machine hits them alike. Row: latency_ms
+    (median per call), imgs_per_s, precision (what the plugin runs), int8_convs, convs; or
+    {'error': ...} for a model the plugin could not compile. Labels in `profile` also get 'profile'
+    (op_profile of a separate PERF_COUNT compile, so counting does not slow the timed calls)."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled, rows = {}, {}
+    for label, (ov_model, precision) in models.items():
+        m = ov_model.clone()
+        m.reshape({m.inputs[0].get_any_name(): list(shape)})
+        try:
+            compiled[label] = core.compile_model(m, "CPU", compile_config(precision, threads))
+        except RuntimeError as e:
+            rows[label] = {"error": (str(e).strip().splitlines() or ["?"])[-1][:200]}
+            log(f"{label}: OpenVINO could not compile it: {rows[label]['error']}")
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    reqs = {k: c.create_infer_request() for k, c in compiled.items()}
+    for r in reqs.values():
+        for _ in range(warmup):
+            r.infer({0: x})
+    times = {k: [] for k in reqs}
+    for _ in range(rounds):
+        for k, r in reqs.items():
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                r.infer({0: x})
+                times[k].append(time.perf_counter() - t0)
+    for k, c in compiled.items():
+        med = statistics.median(times[k])
+        convs = conv_precisions(c)
+        prec = str(c.get_property("INFERENCE_PRECISION_HINT"))
+        rows[k] = {"latency_ms": med * 1e3, "imgs_per_s": shape[0] / med, "int8_convs": convs["int8"],
+                   "convs": convs["total"], "precision": {"<Type: 'bfloat16'>": "bf16",
+                                                          "<Type: 'float32'>": "f32"}.get(prec, prec)}
+    for k in profile:
+        if k in compiled:
+            m = models[k][0].clone()
+            m.reshape({m.inputs[0].get_any_name(): list(shape)})
+            r = core.compile_model(m, "CPU", compile_config(models[k][1], threads, profile=True)).create_infer_request()
+            r.infer({0: x})
+            rows[k]["profile"] = op_profile(r, x)
+    return {k: rows[k] for k in models}
+
+
+def versus_float(rows, float_labels):
+    """Add 'vs_float' (speed relative to the fastest float row: > 1 = faster) and 'slower' to every
+    timed row; returns the fastest float label (None when no float row ran)."""
+    timed = [k for k in float_labels if "latency_ms" in rows.get(k, {})]
+    if not timed:
+        return None
+    best = min(timed, key=lambda k: rows[k]["latency_ms"])
+    for k, r in rows.items():
+        if "latency_ms" in r:
+            r["vs_float"] = rows[best]["latency_ms"] / r["latency_ms"]
+            if k not in float_labels:
+                r["slower"] = r["vs_float"] < 1.0
+    return best
+
+
+def speed_phrase(ratio):
+    """'1.85x faster' / '1.35x slower': a ratio below one is never shown as a speed-up."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def read_onnx(onnx_model_or_path):
+    """An ov.Model from an ONNX path or ModelProto."""
+    import openvino as ov
+
+    core = ov.Core()
+    if isinstance(onnx_model_or_path, onnx.ModelProto):
+        return _read_onnx(core, onnx_model_or_path)
+    return core.read_model(str(onnx_model_or_path))
 
 
 def compressed_ir(ov_model):
@@ -542,3 +640,94 @@ def requantize_weights(model, bits=7):
         done.append(q.input[0])
     return sorted(set(done))
 
+
+
+def _qdq_params(node, inits):
+    """(scale, zero point) arrays of a Q/DQ node whose parameters are initializers, else None."""
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if zp is not None and zp not in inits:
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    return (numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[zp]) if zp else None, axis)
+
+
+def _same_params(a, b):
+    return a is not None and b is not None and a[2] == b[2] and np.array_equal(a[0], b[0]) and \
+        ((a[1] is None and b[1] is None) or (a[1] is not None and b[1] is not None and a[1].dtype == b[1].dtype
+                                             and np.array_equal(a[1], b[1])))
+
+
+def quantize_before_slices(model):
+    """Where a tensor is cut by Slice/Split nodes and every part goes straight into a Q/DQ pair with
+    the same scale (RepNCSPELAN4 / ELAN1 cut cv1's output in two halves, each quantized with the
+    block's shared scale), quantize the tensor once before the cut instead, in place. Elementwise
+    quantization commutes with slicing, so the values are identical; OpenVINO then fuses the Q/DQ into
+    the producing convolution (INT8 output) and cuts INT8 data, where the per-part Q/DQ left an f32
+    convolution output, an f32 Split and a FakeQuantize per part (the per-op profile of the demo model).
+    Returns the number of tensors rewritten."""
+    constants_to_initializers(model)
+    inits = _initializers(model)
+    consumers = defaultdict(list)
+    for node in model.graph.node:
+        for t in node.input:
+            consumers[t].append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    drop, new_nodes, n = set(), [], 0
+    for tensor in list(consumers):
+        cutters = [c for c in consumers[tensor] if c.op_type in ("Slice", "Split") and c.input[0] == tensor]
+        if not cutters or tensor in inits:
+            continue
+        pairs, params = [], None  # [(cutter output, Q, [DQ])]
+        ok = True
+        for c in cutters:
+            for out in c.output:
+                users = consumers.get(out, [])
+                if len(users) != 1 or users[0].op_type != "QuantizeLinear" or out in graph_outputs:
+                    ok = False
+                    break
+                q = users[0]
+                dqs = consumers.get(q.output[0], [])
+                p = _qdq_params(q, inits)
+                if not dqs or any(d.op_type != "DequantizeLinear" or not _same_params(_qdq_params(d, inits), p)
+                                  for d in dqs) or q.output[0] in graph_outputs:
+                    ok = False
+                    break
+                if params is not None and not _same_params(params, p):
+                    ok = False
+                    break
+                params = p
+                pairs.append((out, q, dqs))
+            if not ok:
+                break
+        if not ok or not pairs or params[0].size != 1:  # per-tensor activation scales only
+            continue
+        q0, dq0 = pairs[0][1], pairs[0][2][0]
+        q_out, dq_out = f"{tensor}_qat_cut_q", f"{tensor}_qat_cut_dq"
+        new_nodes.append((cutters[0], [onnx.helper.make_node("QuantizeLinear", [tensor, *q0.input[1:]], [q_out],
+                                                             name=f"{q0.name}_before_cut"),
+                                       onnx.helper.make_node("DequantizeLinear", [q_out, *dq0.input[1:]], [dq_out],
+                                                             name=f"{dq0.name}_before_cut")]))
+        for c in cutters:
+            c.input[0] = dq_out
+        for out, q, dqs in pairs:  # readers of each old DQ read the cut part directly
+            drop.add(id(q))
+            for d in dqs:
+                drop.add(id(d))
+                for node in consumers.get(d.output[0], []):
+                    for i, t in enumerate(node.input):
+                        if t == d.output[0]:
+                            node.input[i] = out
+        n += 1
+    if not n:
+        return 0
+    before = {id(c): nodes for c, nodes in new_nodes}
+    kept = []
+    for node in model.graph.node:  # new pairs go right before the first cutter: the order stays topological
+        kept += before.get(id(node), [])
+        if id(node) not in drop:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return n
