@@ -4,6 +4,7 @@ exports as the FP32 baseline).
     python export_qat.py --weights runs/qat/exp/weights/qat_best.pt                  # -> qat_best.onnx
     python export_qat.py --weights qat_best.pt --no-last-layer --dynamic
     python export_qat.py --weights qat_best.pt --end2end --nms tensorrt             # -> qat_best-end2end.onnx
+    python export_qat.py --weights qat_best.pt --include onnx openvino              # + qat_best_openvino_model/
 
 The file is written beside the weights, then post-processed by qat.graph (shared scales verified,
 duplicate Q/DQ merged, modelopt's float casts and dead nodes removed) and checked by qat.lint; the
@@ -12,6 +13,11 @@ command prints the path, size, Q/DQ counts and both reports, and fails when lint
 num_dets, det_boxes, det_scores, det_classes) or the standard ONNX NonMaxSuppression (--nms onnx;
 output `detections` (K, 7) = image, x1, y1, x2, y2, conf, class). --nms auto picks tensorrt when
 TensorRT and a GPU are here, else onnx.
+
+--include (upstream export.py's convention) names what to write; the ONNX is always written, every
+other kind is made from it by one writer in WRITERS: `openvino` -> `<stem>_openvino_model/` (IR in the
+INT8 form chosen for this CPU, or --act-form / --vnni; metadata `<stem>.yaml`), written to a temporary
+folder and renamed into place.
 """
 import argparse
 import sys
@@ -66,10 +72,35 @@ def load_for_export(weights, device="cpu", no_last_layer=False, trusted=False):
     return attempt_load(weights, device=device, fuse=True, trusted=trusted), False
 
 
+def _write_openvino(onnx_path, opt):
+    """<stem>_openvino_model/ from the exported ONNX (qat.deploy.openvino.export_ir)."""
+    from qat.deploy.openvino import export_ir
+
+    if opt.get("end2end"):
+        raise UserError("--include openvino takes the raw model: export without --end2end")
+    r = export_ir(onnx_path, act_form=opt.get("act_form", "auto"), vnni=_vnni(opt.get("vnni", "auto")),
+                  threads=opt.get("threads"))
+    form = f", {r['choice'].describe()}" if r["choice"] else " (FP32)"
+    LOGGER.info(f"{colorstr('OpenVINO:')} saved {r['path']} ({r['size_mb']:.1f} MB .bin, {r['convs']['int8']}/"
+                f"{r['convs']['total']} convolutions INT8){form}")
+    return {"path": str(r["path"]), "size_mb": r["size_mb"], "convs": r["convs"],
+            "choice": r["choice"].to_dict() if r["choice"] else None}
+
+
+# --include kinds: name -> writer(onnx_path, options dict) -> result dict (with 'path'). The ONNX itself
+# is always written first; adding a kind is one entry here.
+WRITERS = {"openvino": _write_openvino}
+
+
+def _vnni(value):
+    return {"auto": None, "yes": True, "no": False}[value]
+
+
 def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=False, device="cpu",
         no_last_layer=False, end2end=False, nms="auto", topk_all=100, iou_thres=0.45, conf_thres=0.25,
-        trusted=False):
-    """Export; returns a dict: path, qat, size_mb, qdq counts, graph report, lint violations."""
+        trusted=False, include=("onnx",), act_form="auto", vnni="auto", threads=None):
+    """Export; returns a dict: path, qat, size_mb, qdq counts, graph report, lint violations, and one
+    entry per extra --include kind."""
     from qat.deploy import tensorrt_available
     from qat.export import export_qat_onnx
     from qat.graph import format_report, postprocess, qdq_counts
@@ -85,6 +116,10 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
     imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
+    include = [k.lower() for k in (include or ["onnx"])]
+    unknown = [k for k in include if k != "onnx" and k not in WRITERS]
+    if unknown:
+        raise UserError(f"--include {' '.join(unknown)}: unknown; use any of onnx {' '.join(WRITERS)}")
     if nms not in ("auto", "tensorrt", "onnx"):
         raise UserError(f"--nms {nms} is unknown: use auto, tensorrt or onnx")
     if end2end and nms == "auto":
@@ -116,6 +151,11 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
         s = summary(out)
         LOGGER.info(f"lint: ok ({s['pairs']} Q/DQ pairs, {s['groups']} shared-scale groups, "
                     f"{s['int8_convs']}/{s['convs']} convolutions INT8)")
+    options = {"end2end": end2end, "act_form": act_form, "vnni": vnni, "threads": threads, "imgsz": imgsz,
+               "batch_size": batch_size, "dynamic": dynamic}
+    for kind in dict.fromkeys(include):  # in the order given, each once
+        if kind != "onnx":
+            result[kind] = WRITERS[kind](out, options)
     return result
 
 
@@ -137,6 +177,13 @@ def parse_opt(argv=None):
                                                                    "for --nms onnx)")
     parser.add_argument("--iou-thres", type=float, default=0.45, help="end2end: NMS IoU threshold")
     parser.add_argument("--conf-thres", type=float, default=0.25, help="end2end: confidence threshold")
+    parser.add_argument("--include", nargs="+", default=["onnx"],
+                        help=f"what to write: onnx (always written) {' '.join(WRITERS)}")
+    parser.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
+                        help="openvino: activation form (auto = chosen for this CPU; measure = time both)")
+    parser.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
+                        help="openvino: target CPU has VNNI/AMX (no -> 7-bit weights); auto = this CPU")
+    parser.add_argument("--threads", type=int, default=None, help="openvino: threads when timing the forms")
     parser.add_argument("--trusted", action="store_true",
                         help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
     return parser.parse_args(argv)

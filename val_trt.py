@@ -3,13 +3,15 @@
     python val_trt.py --onnx qat_best.onnx --data data/demo.yaml --weights qat_best.pt       # auto backend
     python val_trt.py --onnx qat_best.onnx --data coco.yaml --backend openvino --no-reference
     python val_trt.py --engine qat_best.engine --data coco.yaml --batch-size 8
+    python val_trt.py --onnx qat_best_openvino_model --data coco.yaml            # export_qat.py --include openvino
 
 Every row runs through val.run on the same images (one dataloader, square --imgsz letterbox), so
 the table compares like with like: PyTorch FP32 and QAT fake-quant (from --weights: a QAT
 checkpoint gives both rows, a plain one the FP32 row), ONNX Runtime (the numerical reference of
 the Q/DQ file; --no-reference skips it) and the deployed backend. auto = tensorrt when TensorRT and
-a GPU are here, else openvino (u8 activations, 7-bit weights on CPUs without VNNI; --vnni overrides
-the detection). The deployed mAP50-95 is checked against the reference (ONNX Runtime, else the
+a GPU are here, else openvino (activation form and weight bits chosen for this CPU and printed:
+int8 on AMX, uint8 on VNNI / AVX2, 7-bit weights without VNNI; --act-form and --vnni override). --onnx
+also takes an OpenVINO IR folder (export_qat.py --include openvino), run as exported. The deployed mAP50-95 is checked against the reference (ONNX Runtime, else the
 fake-quant model): a difference above --tolerance is reported. Results: runs/val_trt/<name>/
 results.md and results.json.
 """
@@ -86,11 +88,12 @@ def format_table(rows, ref=None):
 
 
 def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, backend="auto", device="cpu",
-        workers=4, threads=None, vnni="auto", reference=True, conf_thres=0.001, iou_thres=0.7, task="val",
+        workers=4, threads=None, vnni="auto", act_form="auto", reference=True, conf_thres=0.001, iou_thres=0.7, task="val",
         tolerance=0.002, project=ROOT / "runs/val_trt", name="exp", exist_ok=False, trusted=False):
     """Validate; returns {'rows': [...], 'reference': name or None, 'deployed_delta': float or None}."""
     import val as validate
     from qat.deploy import load_backend, require_qdq, resolve_backend
+    from qat.deploy.openvino import ir_metadata, ir_xml
     from qat.graph import metadata
     from utils.dataloaders import create_dataloader
     from utils.torch_utils import select_device
@@ -98,20 +101,24 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
     if bool(onnx) == bool(engine):
         raise UserError("pass one model to deploy: --onnx FILE or --engine FILE")
     model_path = Path(onnx or engine)
-    if not model_path.is_file():
+    ir = ir_xml(model_path) if onnx and model_path.exists() else None  # an OpenVINO IR folder / .xml
+    if not model_path.is_file() and ir is None:
         raise UserError(f"{'--onnx' if onnx else '--engine'} {model_path} not found; check the path")
-    backend = resolve_backend("tensorrt" if engine and backend == "auto" else backend)
+    backend = resolve_backend("tensorrt" if engine and backend == "auto" else "openvino" if ir and backend == "auto"
+                              else backend)
+    if ir is not None and backend != "openvino":
+        raise UserError(f"{model_path} is an OpenVINO IR: use --backend openvino (or pass the ONNX)")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
-    meta = metadata(model_path) if onnx else {}
-    if onnx and (str(meta.get("qat", "1")) == "1" or _is_qat_weights(weights, trusted)):
+    meta = ir_metadata(ir) if ir else metadata(model_path) if onnx else {}
+    if onnx and not ir and (str(meta.get("qat", "1")) == "1" or _is_qat_weights(weights, trusted)):
         require_qdq(model_path)  # a QAT model (by its metadata or its --weights) must come with Q/DQ
     quantized = str(meta.get("qat", "1")) == "1"
     if imgsz is None:
         imgsz = int(max(meta.get("imgsz") or [640]))
     imgsz = check_img_size(imgsz, s=32)
     data = _check_dataset(data, task)
-    deployed = load_backend(backend, model_path, threads=threads, vnni=_vnni(vnni))
+    deployed = load_backend(backend, model_path, threads=threads, vnni=_vnni(vnni), act_form=act_form)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
     static_batch = deployed.batch
     if static_batch and batch_size > static_batch:
@@ -130,7 +137,7 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
     for label, model in _pytorch_rows(weights, dev, trusted):
         rows.append(evaluate(label, f"torch {dev.type}", model))
     ref_name = None
-    if reference and onnx and backend != "onnxruntime":
+    if reference and onnx and not ir and backend != "onnxruntime":
         ort = load_backend("onnxruntime", model_path, threads=threads)
         rows.append(evaluate("ONNX Runtime (reference)", ort.describe(), ort, ort.latency_ms))
         ref_name = rows[-1]["model"]
@@ -144,6 +151,8 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
     if backend == "openvino" and quantized:
         c = deployed.conv_precisions()
         extra.append(f"OpenVINO runtime model: {c['int8']}/{c['total']} convolutions in INT8")
+        if deployed.choice is not None:
+            extra.append(f"OpenVINO INT8 form: {deployed.choice.describe()}")
     delta = rows[-1]["mAP50-95"] - ref if ref is not None else None
     if delta is not None:
         ok = abs(delta) <= tolerance
@@ -159,6 +168,7 @@ def run(data, onnx=None, engine=None, weights=None, imgsz=None, batch_size=1, ba
               "model": str(model_path), "imgsz": imgsz, "batch_size": batch_size}
     if backend == "openvino":
         result["cpu"] = getattr(deployed, "cpu", None)
+        result["act_form"] = deployed.choice.to_dict() if getattr(deployed, "choice", None) else None
     (save_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
     LOGGER.info("\n" + table + "\n" + "\n".join(extra) + f"\nResults saved to {colorstr('bold', save_dir)}")
     return result
@@ -178,7 +188,11 @@ def parse_opt(argv=None):
     parser.add_argument("--workers", type=int, default=4, help="max dataloader workers")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for OpenVINO / ONNX Runtime")
     parser.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
-                        help="OpenVINO: does the CPU have VNNI/AMX (no -> 7-bit weights); auto reads /proc/cpuinfo")
+                        help="OpenVINO: does the CPU have VNNI/AMX (no -> 7-bit weights); auto reads /proc/cpuinfo "
+                             "and ONEDNN_MAX_CPU_ISA")
+    parser.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
+                        help="OpenVINO: activation Q/DQ form (auto = by this CPU's ISA, else timed; measure = time "
+                             "both)")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the ONNX Runtime reference row (slow on large sets)")
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")

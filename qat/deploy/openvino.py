@@ -88,7 +88,7 @@ def _weight_bits(isa, vnni):
 def choose_form(act_form="auto", vnni=None, onnx_model=None, threads=None, input_shape=None, cache_dir=None,
                 isa=None):
     """The FormChoice for this processor. act_form: auto (rule, else measured) | int8 | uint8 |
-    measure (time both, whatever the rule says); vnni: None = detect, True/False = override the weight
+    measure (time both now, whatever the rule and the cache say); vnni: None = detect, True/False = override the weight
     bits. Measuring needs `onnx_model` (the Q/DQ ONNX)."""
     if act_form not in ACT_FORMS:
         raise UserError(f"--act-form {act_form} is unknown: use one of {', '.join(ACT_FORMS)}")
@@ -104,7 +104,8 @@ def choose_form(act_form="auto", vnni=None, onnx_model=None, threads=None, input
     if onnx_model is None:
         raise UserError("no rule for this processor and no model to time the two activation forms on: "
                         "pass --act-form int8 or uint8")
-    form, timings, cached = measured_form(onnx_model, threads, input_shape, cache_dir, isa)
+    form, timings, cached = measured_form(onnx_model, threads, input_shape, cache_dir, isa,
+                                          refresh=act_form == "measure")
     why = (f"{'cached measurement' if cached else 'measured'} ({', '.join(f'{k} {v:.1f} ms' for k, v in timings.items())})"
            f"{'' if act_form == 'measure' else ': no rule for ' + str(isa['isa'] or isa['source'])}; "
            f"weights: {bits_why}")
@@ -123,9 +124,9 @@ def _cache_key(isa):
     return f"{isa.get('model') or isa.get('source')} | ONEDNN_MAX_CPU_ISA={isa.get('cap') or '-'} | OpenVINO {ov.__version__}"
 
 
-def measured_form(onnx_model, threads=None, input_shape=None, cache_dir=None, isa=None, calls=3):
+def measured_form(onnx_model, threads=None, input_shape=None, cache_dir=None, isa=None, calls=3, refresh=False):
     """(fastest form, {form: median ms}, from_cache): both forms compiled and timed in turns, the
-    answer cached per CPU model, ONEDNN_MAX_CPU_ISA and OpenVINO version."""
+    answer cached per CPU model, ONEDNN_MAX_CPU_ISA and OpenVINO version (refresh: measure again)."""
     import openvino as ov
 
     isa = isa or effective_isa()
@@ -134,7 +135,7 @@ def measured_form(onnx_model, threads=None, input_shape=None, cache_dir=None, is
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if isinstance(cache.get(key), dict) and cache[key].get("act_form") in ("int8", "uint8"):
+    if not refresh and isinstance(cache.get(key), dict) and cache[key].get("act_form") in ("int8", "uint8"):
         return cache[key]["act_form"], cache[key].get("ms", {}), True
     core = ov.Core()
     requests, x = {}, None
