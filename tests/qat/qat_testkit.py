@@ -186,3 +186,25 @@ def val_inputs(folder):
     ckpt = Path(folder) / "qat_best.pt"
     save_qat(ckpt, qat_model())
     return data, ckpt
+
+
+def ort_outputs(path_or_model, x):
+    """ONNX Runtime's output0 of an ONNX file or ModelProto on images x, Q/DQ executed as written
+    (basic graph optimizations only: the fake-quant semantics)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+
+
+def assert_same_nms(y, ref, min_iou=0.95):
+    """Raw outputs y and ref give the same detections after NMS (conf 0.25), with enough of them to mean it."""
+    from utils.general import non_max_suppression
+
+    a, b = non_max_suppression(y, 0.25, 0.45), non_max_suppression(ref, 0.25, 0.45)
+    assert sum(len(d) for d in b) > 2
+    assert_same_detections(a, b, min_iou=min_iou)

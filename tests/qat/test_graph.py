@@ -9,16 +9,6 @@ from qat.graph import constants_to_initializers, format_report, import_graph, po
 from qat.lint import lint
 
 
-def _ort(path_or_model, x):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
-
-
 def test_postprocess_of_a_ruled_model_changes_no_scale_and_no_output(tmp_path):
     raw = kit.onnx_path("qat_raw", tmp_path)
     before = onnx.load(str(raw))
@@ -31,7 +21,7 @@ def test_postprocess_of_a_ruled_model_changes_no_scale_and_no_output(tmp_path):
     assert {p.key for p in after.metadata_props} >= {"qat", "float_layers", "strides"}
     assert "0 scale(s) changed" in format_report(r)
     x = kit.images(2)
-    assert np.array_equal(_ort(raw, x), _ort(tmp_path / "pp.onnx", x))  # cleaning changes nothing computed
+    assert np.array_equal(kit.ort_outputs(raw, x), kit.ort_outputs(tmp_path / "pp.onnx", x))  # cleaning changes nothing computed
     assert postprocess(tmp_path / "pp.onnx")["duplicates_merged"] == 0  # idempotent
 
 

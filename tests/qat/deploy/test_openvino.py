@@ -21,31 +21,15 @@ from qat.deploy.cpu import effective_isa  # noqa: E402
 from qat.deploy.openvino import (RULES, activations_to_uint8, choose_form, export_ir, quantize_before_slices,  # noqa: E402
                                  requantize_weights, weight_levels)
 from qat.lint import summary  # noqa: E402
-from utils.general import UserError, non_max_suppression  # noqa: E402
+from utils.general import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _ort(path_or_model, x):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
 
 
 @pytest.fixture(scope="module")
 def reference():
     x = kit.images(2)
     return x, load_backend("onnxruntime", kit.onnx_path("qat"))(x)
-
-
-def _same_detections(y, ref, min_iou=0.95):
-    a, b = non_max_suppression(y, 0.25, 0.45), non_max_suppression(ref, 0.25, 0.45)
-    assert sum(len(d) for d in b) > 2
-    kit.assert_same_detections(a, b, min_iou=min_iou)
 
 
 def _isa(kind):
@@ -142,7 +126,7 @@ def test_choice_under_onednn_max_cpu_isa_and_the_result_agrees_with_onnxruntime(
         assert (r["form"], r["bits"]) == (form, bits), r["reason"]
         assert r["convs"]["int8"] == r["convs"]["total"] - 1  # every quantized convolution in INT8 (the DFL stays float)
         assert r["err"] < 0.03, f"{name}: OpenVINO vs ONNX Runtime {r['err']}"
-        _same_detections(torch.tensor(r["y"]), torch.tensor(r["ref"]))
+        kit.assert_same_nms(torch.tensor(r["y"]), torch.tensor(r["ref"]))
     if cap == "AVX2":
         assert not any("avx512" in k for k in res["qat"]["kernels"]) and any("avx2" in k for k in res["qat"]["kernels"])
     if bits == 7:  # the 8-bit file is re-quantized with a warning; a --weight-bits 7 file needs nothing
@@ -176,7 +160,7 @@ def test_activations_to_uint8_is_lossless():
     assert n == 2 * len(acts) > 0
     assert all(zps[nd.input[2]].dtype == np.uint8 and zps[nd.input[2]] == 128 for nd in acts)
     x = kit.images(2)
-    assert np.array_equal(_ort(m, x), _ort(u8, x))  # bit-identical: same scale, range shifted by 128
+    assert np.array_equal(kit.ort_outputs(m, x), kit.ort_outputs(u8, x))  # bit-identical: same scale, range shifted by 128
 
 
 def test_quantize_before_slices_is_lossless_and_the_cut_runs_in_int8():
@@ -188,7 +172,7 @@ def test_quantize_before_slices_is_lossless_and_the_cut_runs_in_int8():
     q = lambda mm: sum(nd.op_type == "QuantizeLinear" for nd in mm.graph.node)  # noqa: E731
     assert n >= 3 and q(cut) == q(m) - n  # ELAN1 x2, RepNCSPELAN4 x2: two Q/DQ per cut become one
     x = kit.images(2)
-    assert np.array_equal(_ort(m, x), _ort(cut, x))
+    assert np.array_equal(kit.ort_outputs(m, x), kit.ort_outputs(cut, x))
     assert quantize_before_slices(cut) == 0  # idempotent
 
     def split_precisions(model):
@@ -228,7 +212,7 @@ def test_openvino_runs_every_quantized_conv_in_int8_and_matches_onnxruntime(refe
         assert (y - ref)[:, 4:].abs().max() < 0.15
         return
     assert (y - ref)[:, 4:].abs().max() < 0.03 and (y - ref)[:, :4].abs().mean() < 0.05
-    _same_detections(y, ref)
+    kit.assert_same_nms(y, ref)
 
 
 def test_openvino_without_vnni_uses_seven_bit_weights(reference, tmp_path):
@@ -241,7 +225,7 @@ def test_openvino_without_vnni_uses_seven_bit_weights(reference, tmp_path):
         b7 = OpenVINOBackend(kit.onnx_path("qat_w7"), threads=2, vnni=False, act_form="uint8")
     assert b7.weights_requantized == [] and b7.weight_max_q <= 64
     ref7 = load_backend("onnxruntime", kit.onnx_path("qat_w7"))(x)
-    _same_detections(b7(x), ref7)
+    kit.assert_same_nms(b7(x), ref7)
     assert b8.save_ir(tmp_path / "m.xml") < 0.5 * (kit.onnx_path("qat").stat().st_size / (1 << 20))  # int8 weights
 
 
