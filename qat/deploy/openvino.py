@@ -693,7 +693,7 @@ def quantize_before_slices(model):
                 dqs = consumers.get(q.output[0], [])
                 p = _qdq_params(q, inits)
                 if not dqs or any(d.op_type != "DequantizeLinear" or not _same_params(_qdq_params(d, inits), p)
-                                  for d in dqs) or q.output[0] in graph_outputs:
+                                  or d.output[0] in graph_outputs for d in dqs) or q.output[0] in graph_outputs:
                     ok = False
                     break
                 if params is not None and not _same_params(params, p):

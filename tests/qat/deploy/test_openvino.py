@@ -175,6 +175,17 @@ def test_quantize_before_slices_is_lossless_and_the_cut_runs_in_int8():
     assert np.array_equal(kit.ort_outputs(m, x), kit.ort_outputs(cut, x))
     assert quantize_before_slices(cut) == 0  # idempotent
 
+    # a per-part DQ that is a graph output (bench_agreement cuts the network there) stays as it is
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(m)
+    nodes = {o: nd for nd in exposed.graph.node for o in nd.input}
+    split = next(nd for nd in exposed.graph.node if nd.op_type in ("Split", "Slice") and
+                 nodes.get(nd.output[0]) is not None and nodes[nd.output[0]].op_type == "QuantizeLinear")
+    dq_out = nodes[nodes[split.output[0]].output[0]].output[0]
+    exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(dq_out))
+    assert quantize_before_slices(exposed) == n - 1
+    assert dq_out in {o for nd in exposed.graph.node for o in nd.output}
+
     def split_precisions(model):
         b = OpenVINOBackend(kit.onnx_path("qat"), model=model, threads=1, act_form="int8", vnni=True)
         return [str(op.get_rt_info()["runtimePrecision"].astype(str)) for op in b.compiled.get_runtime_model().get_ordered_ops()
