@@ -307,7 +307,9 @@ def table(results):
         fastest = results.get("fastest_float", {}).get(b)
         for k, r in rows.items():
             if "error" in r:
-                lines.append(f"| {k} | {b} | - | - | - | not compiled: {r['error'][:80]} | - |")
+                why = " (a precision above ONEDNN_MAX_CPU_ISA; a CPU of this kind defaults to f32)" \
+                    if m.get("isa_cap") and k in results.get("float_rows", ()) else ""
+                lines.append(f"| {k} | {b} | - | - | - | not compiled{why}: {r['error'][:80]} | - |")
                 continue
             convs = f"{r['int8_convs']}/{r['convs']}" if r.get("convs") else "-"
             lines.append(f"| {k} | {b} | {r.get('precision', '-')} | {r['latency_ms']:.1f} | {r['imgs_per_s']:.2f} | "
