@@ -48,24 +48,26 @@ def _run(step, args):
     return time.time() - t0
 
 
-def _latency_ratio(fp32_onnx, int8_onnx, threads, rounds=5, iters=5, imgsz=320):
-    """Median OpenVINO latency (ms, batch 1) of both files, measured in alternating rounds so that
-    machine noise hits both alike."""
-    import torch
+def _latency(fp32_onnx, int8_onnx, threads, rounds=5, iters=5, imgsz=320):
+    """OpenVINO latency (ms, batch 1) of the fastest float option (the FP32 ONNX under the runtime's
+    default precision, bf16 where the CPU has it, and forced f32) and of the deployed INT8 model (the
+    form chosen for this CPU), measured by the benchmark's function: models taking turns so that
+    machine noise hits them alike. Returns {'float_ms', 'float_label', 'int8_ms', 'int8_label'}."""
+    import onnx
 
-    from qat.deploy import load_backend
+    from qat.deploy.openvino import (choose_form, float_precisions, prepare_onnx, read_onnx, time_round_robin,
+                                     versus_float)
 
-    fp32 = load_backend("openvino", fp32_onnx, threads=threads)
-    int8 = load_backend("openvino", int8_onnx, threads=threads)
-    x = torch.rand(1, 3, imgsz, imgsz)
-    for m in (fp32, int8):  # warm-up, then forget it
-        m(x)
-        m.times.clear()
-    for _ in range(rounds):
-        for m in (fp32, int8):
-            for _ in range(iters):
-                m(x)
-    return fp32.latency_ms(), int8.latency_ms()
+    q = onnx.load(str(int8_onnx))
+    choice = choose_form("auto", None, q, threads, [1, 3, imgsz, imgsz])
+    prepare_onnx(q, choice)
+    floats = {f"FP32 ONNX ({label})": (read_onnx(fp32_onnx), prec) for label, prec in float_precisions().items()}
+    int8_label = f"INT8 Q/DQ ONNX ({choice.act_form} form)"
+    rows = time_round_robin({**floats, int8_label: (read_onnx(q), "f32")}, [1, 3, imgsz, imgsz], threads, iters,
+                            rounds)
+    best = versus_float(rows, list(floats))
+    return {"float_ms": rows[best]["latency_ms"], "float_label": best, "int8_ms": rows[int8_label]["latency_ms"],
+            "int8_label": int8_label}
 
 
 def _demo_data_complete(root):
@@ -76,7 +78,7 @@ def _demo_data_complete(root):
                for split, n in (("train", N_TRAIN), ("val", N_VAL)))
 
 
-def summary(title, report, deployed, best, threads, fp32_ms, int8_ms, wall_s):
+def summary(title, report, deployed, best, threads, latency, wall_s):
     """The demo's markdown -> (text, quantization rows, deployment rows). Two protocols, never mixed in
     one table: train_qat.py's val (rectangular batches, as val.py) and val_trt.py's (the deployed
     file's fixed input shape: square letterbox), each on the same val images."""
@@ -99,8 +101,12 @@ def summary(title, report, deployed, best, threads, fp32_ms, int8_ms, wall_s):
     if deployed.get("deployed_delta") is not None:  # the engine must compute what the model was trained to
         lines += ["", f"deployed INT8 vs {ref}: mAP50-95 {deployed['deployed_delta']:+.4f} (val_trt.py tolerance "
                       f"0.002; benchmarks/bench_agreement.py measures the noise floor)"]
-    lines += ["", f"OpenVINO latency, batch 1, {threads} threads: FP32 ONNX {fp32_ms:.1f} ms, INT8 Q/DQ ONNX "
-                  f"{int8_ms:.1f} ms: {fp32_ms / int8_ms:.2f}x faster", f"wall time of this demo: {wall_s:.0f} s"]
+    from qat.deploy.openvino import speed_phrase
+
+    lat = latency
+    lines += ["", f"OpenVINO latency, batch 1, {threads} threads: fastest float {lat['float_label']} "
+                  f"{lat['float_ms']:.1f} ms, deployed {lat['int8_label']} {lat['int8_ms']:.1f} ms: "
+                  f"{speed_phrase(lat['float_ms'] / lat['int8_ms'])}", f"wall time of this demo: {wall_s:.0f} s"]
     return "\n".join(lines) + "\n", rows, deploy_rows
 
 
@@ -145,19 +151,18 @@ def main(argv=None):
                                         "--batch-size", 8, "--workers", "2", "--project", ROOT / "runs/val_trt",
                                         "--name", opt.name, "--exist-ok"])
     LOGGER.info(f"\n{colorstr('demo')}: step 5/5 latency, FP32 ONNX vs INT8 ONNX on OpenVINO")
-    fp32_ms, int8_ms = _latency_ratio(fp32_pt.with_suffix(".onnx"), qat_best.with_suffix(".onnx"), opt.threads,
-                                      imgsz=opt.imgsz)
+    latency = _latency(fp32_pt.with_suffix(".onnx"), qat_best.with_suffix(".onnx"), opt.threads, imgsz=opt.imgsz)
 
     from qat.report import best_note
 
     report = json.loads((qat_dir / "report.json").read_text())
     deployed = json.loads((ROOT / "runs/val_trt" / opt.name / "results.json").read_text())
     title = f"yolov9-qat demo ({Path(opt.weights).name}, {Path(opt.data).name}, {opt.imgsz} px, CPU)"
-    text, rows, deploy_rows = summary(title, report, deployed, best_note(qat_best), opt.threads, fp32_ms, int8_ms,
+    text, rows, deploy_rows = summary(title, report, deployed, best_note(qat_best), opt.threads, latency,
                                       time.time() - t_start)
     (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "deployment": deploy_rows, "fp32_ms": fp32_ms,
-                                                  "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms}, indent=1))
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "deployment": deploy_rows, **latency,
+                                                  "speedup": latency["float_ms"] / latency["int8_ms"]}, indent=1))
     LOGGER.info("\n" + text + f"Saved to {out}")
 
 

@@ -4,6 +4,7 @@ exports as the FP32 baseline).
     python export_qat.py --weights runs/qat/exp/weights/qat_best.pt                  # -> qat_best.onnx
     python export_qat.py --weights qat_best.pt --no-last-layer --dynamic
     python export_qat.py --weights qat_best.pt --end2end --nms tensorrt             # -> qat_best-end2end.onnx
+    python export_qat.py --weights qat_best.pt --include onnx openvino              # + qat_best_openvino_model/
 
 The file is written beside the weights, then post-processed by qat.graph (shared scales verified,
 duplicate Q/DQ merged, modelopt's float casts and dead nodes removed) and checked by qat.lint; the
@@ -12,9 +13,13 @@ command prints the path, size, Q/DQ counts and both reports, and fails when lint
 num_dets, det_boxes, det_scores, det_classes) or the standard ONNX NonMaxSuppression (--nms onnx;
 output `detections` (K, 7) = image, x1, y1, x2, y2, conf, class). --nms auto picks tensorrt when
 TensorRT and a GPU are here, else onnx.
---include engine trtexec deepstream triton: the TensorRT engine (+ report; a one-line skip without
-TensorRT and a GPU), a trtexec command file for TensorRT 10 and 11, a DeepStream nvinfer config and a
-Triton model folder, all beside the ONNX (qat.deploy.files).
+
+--include (upstream export.py's convention) names what to write; the ONNX is always written, every
+other kind is made from it by one writer in WRITERS: `openvino` -> `<stem>_openvino_model/` (IR in the
+INT8 form chosen for this CPU, or --act-form / --vnni; metadata `<stem>.yaml`), written to a temporary
+folder and renamed into place; `engine trtexec deepstream triton`: the TensorRT engine (+ report; a
+one-line skip without TensorRT and a GPU), a trtexec command file for TensorRT 10 and 11, a DeepStream
+nvinfer config and a Triton model folder, all beside the ONNX (qat.deploy.files).
 """
 import sys
 import warnings
@@ -63,10 +68,45 @@ def load_for_export(weights, device="cpu", no_last_layer=False, trusted=False):
     return attempt_load(weights, device=device, fuse=True, trusted=trusted), False
 
 
+def _write_openvino(onnx_path, opt):
+    """<stem>_openvino_model/ from the exported ONNX (qat.deploy.openvino.export_ir)."""
+    from qat.deploy.openvino import export_ir
+
+    if opt.get("end2end"):
+        raise UserError("--include openvino takes the raw model: export without --end2end")
+    r = export_ir(onnx_path, act_form=opt.get("act_form", "auto"), vnni=_vnni(opt.get("vnni", "auto")),
+                  threads=opt.get("threads"))
+    form = f", {r['choice'].describe()}" if r["choice"] else " (FP32)"
+    LOGGER.info(f"{colorstr('OpenVINO:')} saved {r['path']} ({r['size_mb']:.1f} MB .bin, {r['convs']['int8']}/"
+                f"{r['convs']['total']} convolutions INT8){form}")
+    return {"path": str(r["path"]), "size_mb": r["size_mb"], "convs": r["convs"],
+            "choice": r["choice"].to_dict() if r["choice"] else None}
+
+
+def _deploy_file_writer(kind):
+    """A WRITERS entry for one of qat.deploy.files' kinds (engine, trtexec, deepstream, triton)."""
+    def write(onnx_path, opt):
+        from qat.deploy.files import DEPLOY_WRITERS
+
+        return DEPLOY_WRITERS[kind](onnx_path, engine_path=opt.get("engine"), max_batch=opt.get("max_batch"))
+    return write
+
+
+# --include kinds: name -> writer(onnx_path, options dict) -> result. The ONNX itself is always written
+# first; adding a kind is one entry here.
+DEPLOY_KINDS = ("engine", "trtexec", "deepstream", "triton")
+WRITERS = {"openvino": _write_openvino, **{kind: _deploy_file_writer(kind) for kind in DEPLOY_KINDS}}
+
+
+def _vnni(value):
+    return {"auto": None, "yes": True, "no": False}[value]
+
+
 def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=False, device="cpu",
         no_last_layer=False, end2end=False, nms="auto", topk_all=100, iou_thres=0.45, conf_thres=0.25,
-        trusted=False, include=("onnx",), max_batch=None):
-    """Export; returns a dict: path, qat, size_mb, qdq counts, graph report, lint violations."""
+        trusted=False, include=("onnx",), act_form="auto", vnni="auto", threads=None, max_batch=None):
+    """Export; returns a dict: path, qat, size_mb, qdq counts, graph report, lint violations, and one
+    entry per extra --include kind (the TensorRT-side files under 'deploy')."""
     from qat.deploy import tensorrt_available
     from qat.export import export_qat_onnx, float_layers
     from qat.graph import format_report, postprocess, qdq_counts
@@ -82,6 +122,10 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
     imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
+    include = [k.lower() for k in (include or ["onnx"])]
+    unknown = [k for k in include if k != "onnx" and k not in WRITERS]
+    if unknown:
+        raise UserError(f"--include {' '.join(unknown)}: unknown; use any of onnx {' '.join(WRITERS)}")
     if nms not in ("auto", "tensorrt", "onnx"):
         raise UserError(f"--nms {nms} is unknown: use auto, tensorrt or onnx")
     if end2end and nms == "auto":
@@ -116,13 +160,18 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
     if is_qat:
         LOGGER.info(f"lint: ok ({s['pairs']} Q/DQ pairs, {s['groups']} shared-scale groups, "
                     f"{s['int8_convs']}/{s['convs']} convolutions INT8)")
-    from qat.deploy.files import DEPLOY_WRITERS, write_deploy_files  # engine / trtexec / deepstream / triton
-
-    deploy = [n for n in include if n in DEPLOY_WRITERS]
-    if deploy:
-        result["deploy"] = write_deploy_files(out, deploy, max_batch=max_batch)
-        for name, r in result["deploy"].items():
-            LOGGER.info(f"{colorstr(name + ':')} {r}")
+    options = {"end2end": end2end, "act_form": act_form, "vnni": vnni, "threads": threads, "imgsz": imgsz,
+               "batch_size": batch_size, "dynamic": dynamic, "max_batch": max_batch, "engine": None}
+    # in the order given, each once; the engine first, so that a Triton folder can pack it
+    for kind in sorted(dict.fromkeys(k for k in include if k != "onnx"), key=lambda k: k != "engine"):
+        r = WRITERS[kind](out, options)
+        if kind in DEPLOY_KINDS:
+            result.setdefault("deploy", {})[kind] = r
+            LOGGER.info(f"{colorstr(kind + ':')} {r}")
+            if kind == "engine" and not isinstance(r, str):
+                options["engine"] = r
+        else:
+            result[kind] = r
     return result
 
 
@@ -145,12 +194,19 @@ def parse_opt(argv=None):
                                                                    "for --nms onnx)")
     parser.add_argument("--iou-thres", type=probability, default=0.45, help="end2end: NMS IoU threshold")
     parser.add_argument("--conf-thres", type=probability, default=0.25, help="end2end: confidence threshold")
+    parser.add_argument("--include", nargs="+", default=["onnx"], choices=("onnx",) + tuple(WRITERS),
+                        help="what to write: onnx (always written); openvino (IR folder); engine (TensorRT, GPU), "
+                             "trtexec, deepstream, triton (files beside the ONNX)")
+    parser.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
+                        help="openvino: activation form (auto = chosen for this CPU; measure = time both)")
+    parser.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
+                        help="openvino: target CPU has VNNI/AMX (no -> 7-bit weights); auto = this CPU")
+    parser.add_argument("--threads", type=positive_int, default=None, help="openvino: threads when timing the forms")
+    parser.add_argument("--max-batch", type=positive_int, default=None,
+                        help="dynamic exports: largest batch of the TensorRT profile and Triton's max_batch_size "
+                             "(default 32)")
     parser.add_argument("--trusted", action="store_true",
                         help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
-    parser.add_argument("--include", nargs="+", default=["onnx"],
-                        help="also write: engine (TensorRT, GPU), trtexec, deepstream, triton (files beside the ONNX)")
-    parser.add_argument("--max-batch", type=int, default=None, help="dynamic exports: largest batch of the TensorRT "
-                                                                    "profile and Triton's max_batch_size (default 32)")
     return parser.parse_args(argv)
 
 

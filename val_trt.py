@@ -4,6 +4,7 @@
     python val_trt.py --weights fp32.onnx qat_best.onnx --data data/coco.yaml      # FP32 baseline beside INT8
     python val_trt.py --weights qat_best.onnx --data data/coco.yaml --backend openvino --no-reference
     python val_trt.py --weights qat_best.engine --data data/coco.yaml --batch-size 8
+    python val_trt.py --weights qat_best_openvino_model --data data/coco.yaml   # export_qat.py --include openvino
 (--onnx FILE / --engine FILE are aliases of --weights FILE; a .pt beside them is the --checkpoint.)
 
 Every row runs through val.run on the same images (one dataloader, square --imgsz letterbox), so
@@ -11,8 +12,9 @@ the table compares like with like: PyTorch FP32 and QAT fake-quant (from --check
 checkpoint gives both rows, a plain one the FP32 row), for each Q/DQ file ONNX Runtime (its
 numerical reference; --no-reference skips it) and the deployed backend, for each float ONNX its FP32
 baseline row. Q/DQ files are linted first (qat.lint) and refused when they break a rule. auto = tensorrt when TensorRT and
-a GPU are here, else openvino (u8 activations, 7-bit weights on CPUs without VNNI; --vnni overrides
-the detection). The deployed mAP50-95 is checked against the reference (ONNX Runtime, else the
+a GPU are here, else openvino (activation form and weight bits chosen for this CPU and printed:
+int8 on AMX, uint8 on VNNI / AVX2, 7-bit weights without VNNI; --act-form and --vnni override); an
+OpenVINO IR folder (export_qat.py --include openvino) runs on openvino as exported. The deployed mAP50-95 is checked against the reference (ONNX Runtime, else the
 fake-quant model): a difference above --tolerance is reported. Results: runs/val_trt/<name>/
 results.md and results.json.
 """
@@ -107,6 +109,8 @@ def _models(weights, onnx, engine, checkpoint):
     given = [Path(w) for w in ([weights] if isinstance(weights, (str, Path)) else list(weights or []))]
     given += [Path(f) for f in (onnx, engine) if f]
     for f in given:
+        if f.is_dir() or f.suffix.lower() == ".xml":  # an OpenVINO IR (export_qat.py --include openvino)
+            continue
         if f.suffix.lower() not in MODEL_SUFFIXES:
             raise UserError(f"--weights {f}: use a .pt checkpoint, an .onnx or a TensorRT .engine file")
     checkpoints = [f for f in given if f.suffix.lower() == ".pt"]
@@ -115,9 +119,16 @@ def _models(weights, onnx, engine, checkpoint):
     if not checkpoints and not files:
         raise UserError("pass a model: --weights model.onnx | model.engine | model.pt (or --onnx FILE / --engine FILE)")
     for f in checkpoints + files:
-        if not f.is_file():
+        if not f.is_file() and not (f.is_dir() and _ir(f)):
             raise UserError(f"{f} not found; check the path")
     return checkpoints, files
+
+
+def _ir(path):
+    """The IR .xml of an OpenVINO model folder or file, else None."""
+    from qat.deploy.openvino import ir_xml
+
+    return ir_xml(path) if Path(path).exists() else None
 
 
 def _refuse_broken(path):
@@ -135,7 +146,7 @@ def _refuse_broken(path):
 
 
 def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None, batch_size=1, backend="auto",
-        device="cpu", workers=4, threads=None, vnni="auto", reference=True, conf_thres=0.001, iou_thres=0.7,
+        device="cpu", workers=4, threads=None, vnni="auto", act_form="auto", reference=True, conf_thres=0.001, iou_thres=0.7,
         task="val", tolerance=0.002, project=ROOT / "runs/val_trt", name="exp", exist_ok=False, trusted=False):
     """Validate every model given; returns {'rows': [...], 'reference': name or None, 'deployed_delta':
     float or None (of the last deployed file), ...}.
@@ -145,6 +156,7 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
     taken as that too). A float ONNX (export.py) gives the FP32 baseline rows, a Q/DQ one the INT8 rows."""
     import val as validate
     from qat.deploy import load_backend, require_qdq, resolve_backend
+    from qat.deploy.openvino import ir_metadata
     from qat.graph import metadata, qdq_counts
     from utils.dataloaders import create_dataloader
     from utils.torch_utils import select_device
@@ -152,10 +164,17 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
     checkpoints, files = _models(weights, onnx, engine, checkpoint)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
+    irs = {f: _ir(f) for f in files if f.suffix.lower() not in (".onnx", ".engine")}
     backend = resolve_backend("tensorrt" if backend == "auto" and any(f.suffix == ".engine" for f in files)
-                              else backend)
+                              else "openvino" if backend == "auto" and irs else backend)
+    if irs and backend != "openvino":
+        raise UserError(f"{next(iter(irs))} is an OpenVINO IR: use --backend openvino (or pass the ONNX)")
     deployables = []  # (path, metadata, quantized)
     for f in files:
+        if f in irs:
+            meta = ir_metadata(irs[f])
+            deployables.append((f, meta, str(meta.get("qat", "1")) == "1"))
+            continue
         meta = metadata(f) if f.suffix == ".onnx" else {}
         quantized = f.suffix == ".engine" or sum(qdq_counts(f).values()) > 0
         # a QAT model (by its metadata, or the one file given beside a QAT checkpoint) must come with Q/DQ
@@ -193,12 +212,12 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
             rows.append(evaluate(label + (f" {c.name}" if len(checkpoints) > 1 else ""), f"torch {dev.type}", model))
     ref_name, delta, extra, deployed, engine_report = None, None, [], None, None
     for path, meta, quantized in deployables:
-        deployed = load_backend(backend, path, threads=threads, vnni=_vnni(vnni))
+        deployed = load_backend(backend, path, threads=threads, vnni=_vnni(vnni), act_form=act_form)
         static_batch = deployed.batch
         if static_batch and batch_size > static_batch:
             LOGGER.info(f"{path.name} has a static batch of {static_batch}: running in chunks of {static_batch}")
         ref_name = None
-        if reference and quantized and path.suffix == ".onnx" and backend != "onnxruntime":
+        if reference and quantized and path.suffix == ".onnx" and backend != "onnxruntime":  # not an IR
             ort = load_backend("onnxruntime", path, threads=threads)
             rows.append(evaluate("ONNX Runtime (reference)" + (f" {path.name}" if len(deployables) > 1 else ""),
                                  ort.describe(), ort, ort.latency_ms))
@@ -213,6 +232,8 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
         if backend == "openvino" and quantized:
             c = deployed.conv_precisions()
             extra.append(f"OpenVINO runtime model of {path.name}: {c['int8']}/{c['total']} convolutions in INT8")
+            if getattr(deployed, "choice", None) is not None:
+                extra.append(f"OpenVINO INT8 form: {deployed.choice.describe()}")
         engine_report = getattr(deployed, "report", None) if backend == "tensorrt" else None
         if engine_report:  # per-layer precisions of the built engine (qat.deploy.engine_report)
             from qat.deploy.engine_report import format_summary
@@ -238,6 +259,7 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
               "imgsz": imgsz, "batch_size": batch_size}
     if files and backend == "openvino":
         result["cpu"] = getattr(deployed, "cpu", None)
+        result["act_form"] = deployed.choice.to_dict() if getattr(deployed, "choice", None) else None
     if engine_report:
         result["engine_report"] = {k: v for k, v in engine_report.items() if k != "per_layer"}
     with atomic_output(save_dir / "results.json") as tmp:
@@ -264,8 +286,14 @@ def parse_opt(argv=None):
     parser.add_argument("--device", default="cpu", help="device of the PyTorch rows: cpu or cuda index")
     parser.add_argument("--workers", type=nonneg_int, default=4, help="max dataloader workers")
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for OpenVINO / ONNX Runtime")
+    parser.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
+                        help="openvino: activation form (auto = chosen for this CPU; measure = time both)")
     parser.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
-                        help="OpenVINO: does the CPU have VNNI/AMX (no -> 7-bit weights); auto reads /proc/cpuinfo")
+                        help="OpenVINO: does the CPU have VNNI/AMX (no -> 7-bit weights); auto reads /proc/cpuinfo "
+                             "and ONEDNN_MAX_CPU_ISA")
+    parser.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
+                        help="OpenVINO: activation Q/DQ form (auto = by this CPU's ISA, else timed; measure = time "
+                             "both)")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the ONNX Runtime reference row (slow on large sets)")
     parser.add_argument("--conf-thres", type=probability, default=0.001, help="confidence threshold")

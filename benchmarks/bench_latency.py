@@ -2,20 +2,29 @@
 all on OpenVINO, measured side by side in one run (DESIGN.md section 5).
 
     python benchmarks/bench_latency.py --cfg models/detect/gelan-c.yaml --imgsz 640 --threads 2
-    python benchmarks/bench_latency.py --weights runs/qat/exp/weights/qat_best.pt --data data/demo.yaml
+    python benchmarks/bench_latency.py --weights weights/demo-gelan.pt --data data/demo.yaml --imgsz 320
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_latency.py ...     # as on a CPU without VNNI
 
 Without --weights the network has random weights (speed does not depend on them) and the QAT model
 is the same network quantized by qat.quantize + qat.calibrate on a few images (random ones, or
 --data's). With a QAT checkpoint its float copy is the FP32 model; with a plain one the QAT model is
 made from it the same way. The NNCF peer is nncf.quantize on the FP32 OpenVINO model with the same
-calibration images. Every model is compiled with INFERENCE_PRECISION_HINT f32 (float layers in f32,
-whatever the CPU's bf16 support) and `--threads` threads; the models take turns, round by round, so
-load changes on a shared machine hit them alike. Reports: latency (median ms per call) and
-throughput (images/s) at each batch size, INT8 vs float convolutions of OpenVINO's runtime model,
-model sizes (FP32 / FP16 .pt, INT8 IR), written to benchmarks/results/<name>.{md,json,png}.
-`python benchmarks/make_readme.py` turns the results into the README's results section.
+calibration images.
+
+Rows, per batch size: the FP32 ONNX under OpenVINO's default precision (bf16 on CPUs that have it:
+what a user gets out of the box) and forced f32; the QAT Q/DQ ONNX in both activation forms (int8
+zero point 0 as exported, uint8 zero point 128), the one qat.deploy.openvino.choose_form picks for
+this CPU marked as deployed (--act-form overrides); NNCF; an exported IR folder (--ir) if given.
+INT8 rows run with float layers in f32, as deployed. Every ratio is against the fastest float row;
+an INT8 row slower than it says so. The models take turns, round by round, so load on a shared
+machine hits them alike. Also: INT8 vs float convolutions of OpenVINO's runtime model, the per-op
+profile (PERF_COUNT) of the deployed model and the default-precision float model at the first batch
+size, the CPU's flags and the effective ISA (ONEDNN_MAX_CPU_ISA), model sizes. Written to
+benchmarks/results/<name>.{md,json,png} and <name>-profile.md (<name> gets -<isa> under
+ONEDNN_MAX_CPU_ISA); `python benchmarks/make_readme.py` turns the results into the README section.
 """
 import json
+import os
 import platform
 import statistics
 import sys
@@ -40,24 +49,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine():
-    """One line about the CPU and the runtimes."""
+    """The CPU, its INT8-relevant flags, the ISA OpenVINO will use, the runtimes."""
     import openvino as ov
 
-    from qat.deploy import cpu_int8_features
+    from qat.deploy.cpu import effective_isa
+    from qat.deploy.openvino import float_precisions
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    f = cpu_int8_features()
-    vnni = {True: "VNNI/AMX: " + "/".join(f["flags"]), False: "no VNNI/AMX", None: "VNNI unknown"}[f["vnni"]]
-    return {"cpu": name, "logical_cpus": os.cpu_count(), "int8": vnni, "openvino": ov.__version__,
+    isa = effective_isa()
+    name = isa.get("model") or platform.processor() or platform.machine()
+    kinds = {"amx": "AMX", "vnni": "VNNI, no AMX", "avx2": "AVX2, no VNNI", "older": "no AVX2", None: "ISA unknown"}
+    cap = f" under ONEDNN_MAX_CPU_ISA={isa['cap']}" if isa["cap"] else ""
+    return {"cpu": name, "logical_cpus": os.cpu_count(), "flags": isa["flags"], "isa": isa["isa"],
+            "isa_cap": isa["cap"], "int8": kinds.get(isa["isa"], str(isa["isa"])) + cap,
+            "default_precision": next(iter(float_precisions())), "openvino": ov.__version__,
             "torch": torch.__version__, "python": platform.python_version()}
 
 
@@ -121,44 +125,6 @@ def nncf_quantize(fp32_onnx, calib, imgsz):
         return nncf.quantize(model, dataset, subset_size=len(calib))
 
 
-def _conv_precisions(compiled):
-    int8 = flt = 0
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if "layerType" in info and "onvolution" in str(info["layerType"].astype(str)):
-            prec = str(info["runtimePrecision"].astype(str)) if "runtimePrecision" in info else ""
-            int8, flt = (int8 + 1, flt) if prec in ("u8", "i8") else (int8, flt + 1)
-    return int8, int8 + flt
-
-
-def _compile(ov_model, batch, imgsz, threads):
-    import openvino as ov
-
-    m = ov_model.clone()
-    m.reshape({m.inputs[0].get_any_name(): [batch, 3, imgsz, imgsz]})
-    cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    return ov.Core().compile_model(m, "CPU", cfg)
-
-
-def time_models(models, batch, imgsz, threads, iters, rounds, warmup):
-    """{label: [seconds per call]}: the compiled models take turns, `iters` calls each per round."""
-    compiled = {k: _compile(m, batch, imgsz, threads) for k, m in models.items()}
-    x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
-    reqs = {k: c.create_infer_request() for k, c in compiled.items()}
-    for r in reqs.values():
-        for _ in range(warmup):
-            r.infer({0: x})
-    times = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, r in reqs.items():
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                r.infer({0: x})
-                times[k].append(time.perf_counter() - t0)
-    convs = {k: _conv_precisions(c) for k, c in compiled.items()}
-    return times, convs
-
-
 def time_tensorrt(f_onnx, q_onnx, batch_sizes, imgsz, iters, warmup, tmp, sizes):
     """{batch: {label: row}} for TensorRT (FP16 engine of the FP32 ONNX, INT8 engine of the Q/DQ
     ONNX) when tensorrt and a GPU are here; {} otherwise. Host-to-host latency per call."""
@@ -211,21 +177,62 @@ def _sizes(fp32, ov_models, tmp):
     return out
 
 
+def _form_models(q_onnx, choice):
+    """{label: (ov.Model, 'f32')} of the Q/DQ ONNX in both activation forms, with the chosen weight
+    bits; the chosen form's label says '(deployed)'."""
+    import onnx
+
+    from qat.deploy.openvino import FormChoice, prepare_onnx, read_onnx
+
+    out = {}
+    for form in ("int8", "uint8"):
+        m = onnx.load(str(q_onnx))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 7-bit re-quantization warning: speed only here
+            prepare_onnx(m, FormChoice(form, choice.weight_bits, choice.reason, choice.isa))
+        out[f"QAT Q/DQ, {form} form" + (" (deployed)" if form == choice.act_form else "")] = (read_onnx(m), "f32")
+    return out
+
+
+def headline(results, batch="1"):
+    """One sentence: the deployed model against the fastest float row (and NNCF) at `batch`."""
+    from qat.deploy.openvino import speed_phrase
+
+    rows = results["batches"].get(batch) or next(iter(results["batches"].values()))
+    dep, flt = rows.get(results.get("deployed")), rows.get(results.get("fastest_float", {}).get(batch))
+    if not dep or not flt or "latency_ms" not in dep:
+        return ""
+    b = batch if batch in results["batches"] else next(iter(results["batches"]))
+    text = (f"Batch {b}: deployed INT8 ({results['deployed']}, {dep['latency_ms']:.1f} ms) "
+            f"**{speed_phrase(dep['vs_float'])}** than the fastest float row ({results['fastest_float'][b]}, "
+            f"{flt['latency_ms']:.1f} ms)")
+    nncf = rows.get("NNCF PTQ INT8")
+    if nncf and "latency_ms" in nncf:
+        text += f"; NNCF {nncf['latency_ms']:.1f} ms ({speed_phrase(nncf['vs_float'])}); deployed / NNCF speed " \
+                f"{nncf['latency_ms'] / dep['latency_ms']:.2f}x"
+    return text + "."
+
+
 def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, batch_sizes=(1, 4, 8), threads=2,
-        iters=5, rounds=4, warmup=2, calib_images=8, nncf=True, name=None, out=RESULTS, trusted=False):
+        iters=5, rounds=4, warmup=2, calib_images=8, nncf=True, act_form="auto", vnni="auto", ir=None, profile=True,
+        name=None, out=RESULTS, trusted=False):
+    import onnx
     import openvino as ov
 
-    from qat.deploy import OpenVINOBackend
+    from qat.deploy.openvino import choose_form, float_precisions, ir_xml, read_onnx, time_round_robin, versus_float
     from qat.export import export_qat_onnx
     from qat.lint import lint
 
     imgsz = check_img_size(imgsz, s=32)
     if not weights and not Path(cfg).is_file():
         raise UserError(f"--cfg {cfg} not found; pass a model yaml (models/detect/*.yaml) or --weights")
-    name = name or (Path(weights).stem if weights else Path(cfg).stem)
+    if ir is not None and ir_xml(ir) is None:
+        raise UserError(f"--ir {ir} is not an OpenVINO IR folder or .xml (export_qat.py --include openvino)")
+    info = machine()
+    name = name or (Path(weights).stem if weights else Path(cfg).stem) + \
+        (f"-{info['isa_cap'].lower()}" if info["isa_cap"] else "")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    info = machine()
     LOGGER.info(f"benchmark {name}: {info}")
     calib = _calibration(data, imgsz, calib_images)
     t0 = time.time()
@@ -239,30 +246,34 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
         export_qat_onnx(qmodel, q_onnx, imgsz, batch_size=1, dynamic=True)
         violations = lint(q_onnx)
         LOGGER.info(f"exported ({time.time() - t0:.0f} s); qat.lint: {len(violations)} violation(s)")
-        qat_backend = OpenVINOBackend(q_onnx, threads=threads, input_shape=[1, 3, imgsz, imgsz])
-        models = {"FP32 ONNX": ov.Core().read_model(str(f_onnx)), "QAT Q/DQ ONNX (u8 form)": qat_backend.ov_model}
+        choice = choose_form(act_form, {"auto": None, "yes": True, "no": False}[vnni], onnx.load(str(q_onnx)),
+                             threads, [1, 3, imgsz, imgsz])
+        LOGGER.info(f"OpenVINO INT8 form for this CPU: {choice.describe()}")
+        floats = {f"FP32 ONNX, {label}": (read_onnx(f_onnx), prec) for label, prec in float_precisions().items()}
+        models = {**floats, **_form_models(q_onnx, choice)}
+        deployed = next(k for k in models if k.endswith("(deployed)"))
         if nncf:
             t0 = time.time()
-            models["NNCF PTQ INT8"] = nncf_quantize(f_onnx, calib, imgsz)
+            models["NNCF PTQ INT8"] = (nncf_quantize(f_onnx, calib, imgsz), "f32")
             LOGGER.info(f"NNCF quantized ({time.time() - t0:.0f} s)")
-        sizes = _sizes(fp32, {k: v for k, v in models.items() if k != "FP32 ONNX"}, tmp)
+        if ir is not None:
+            models[f"IR {Path(ir).name}"] = (ov.Core().read_model(str(ir_xml(ir))), "f32")
+        sizes = _sizes(fp32, {k: m for k, (m, _) in models.items() if k not in floats}, tmp)
 
         results = {"name": name, "model": desc, "imgsz": imgsz, "threads": threads, "machine": info,
                    "date": datetime.now().isoformat(timespec="seconds"), "lint_violations": len(violations),
-                   "qat_weights": "re-quantized to 7 bits" if qat_backend.weights_requantized else
-                   f"up to ±{qat_backend.weight_max_q}", "sizes_mb": sizes, "batches": {}}
-        for b in batch_sizes:
+                   "choice": choice.to_dict(), "deployed": deployed, "float_rows": list(floats),
+                   "sizes_mb": sizes, "batches": {}, "fastest_float": {}, "profile": {}}
+        for i, b in enumerate(batch_sizes):
             LOGGER.info(f"timing batch {b}: {len(models)} models x {rounds} rounds x {iters} calls...")
-            times, convs = time_models(models, b, imgsz, threads, iters, rounds, warmup)
-            rows = {}
-            for k in models:
-                med = statistics.median(times[k])
-                rows[k] = {"latency_ms": med * 1e3, "imgs_per_s": b / med, "int8_convs": convs[k][0],
-                           "convs": convs[k][1]}
-            base = rows["FP32 ONNX"]["latency_ms"]
-            for r in rows.values():
-                r["speedup"] = base / r["latency_ms"]
+            prof = (deployed, next(iter(floats))) if profile and i == 0 else ()
+            rows = time_round_robin(models, [b, 3, imgsz, imgsz], threads, iters, rounds, warmup, profile=prof)
+            results["fastest_float"][str(b)] = versus_float(rows, list(floats))
+            for k, r in rows.items():
+                if "profile" in r:
+                    results["profile"][k] = {"batch": b, **r.pop("profile")}
             results["batches"][str(b)] = rows
+        results["headline"] = headline(results, str(batch_sizes[0]))
         trt = time_tensorrt(f_onnx, q_onnx, batch_sizes, imgsz, iters * rounds, warmup, Path(tmp), sizes)
         for b, rows in trt.items():
             results["batches"][str(b)].update(rows)
@@ -270,18 +281,52 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
     return results
 
 
+def _ratio_cell(r, fastest):
+    if "vs_float" in r:
+        cell = f"{r['vs_float']:.2f}x"
+        return cell + (" (fastest float)" if fastest else " **slower**" if r.get("slower") else "")
+    if "speedup_vs_trt_fp16" in r:
+        return f"{r['speedup_vs_trt_fp16']:.2f}x TRT FP16"
+    return f"{r['speedup']:.2f}x" if "speedup" in r else "-"  # results written before the float rows existed
+
+
 def table(results):
-    """Markdown table of one result dict."""
-    lines = [f"**{results['model']}**, {results['imgsz']} px, OpenVINO {results['machine']['openvino']}, "
-             f"{results['threads']} threads, {results['machine']['cpu']} ({results['machine']['int8']}), "
-             f"{results['date']}", "",
-             "| model | batch | latency ms | images/s | vs FP32 | convolutions in INT8 |", "|---|---|---|---|---|---|"]
+    """Markdown of one result dict: the setting, the headline, the rows."""
+    m = results["machine"]
+    flags = f", flags {' '.join(m['flags'])}" if m.get("flags") else ""
+    lines = [f"**{results['model']}**, {results['imgsz']} px, OpenVINO {m['openvino']}, {results['threads']} threads, "
+             f"{m['cpu']} ({m['int8']}{flags}), {results['date']}", ""]
+    if results.get("choice"):
+        c = results["choice"]
+        lines += [f"Deployed form: {c['act_form']} activations, {c['weight_bits']}-bit weights ({c['reason']}).", ""]
+    if results.get("headline"):
+        lines += [results["headline"], ""]
+    lines += ["| model | batch | runs in | latency ms | images/s | vs fastest float | convolutions in INT8 |",
+              "|---|---|---|---|---|---|---|"]
     for b, rows in results["batches"].items():
+        fastest = results.get("fastest_float", {}).get(b)
         for k, r in rows.items():
-            ratio = f"{r['speedup']:.2f}x" if "speedup" in r else f"{r['speedup_vs_trt_fp16']:.2f}x TRT FP16"
+            if "error" in r:
+                why = " (a precision above ONEDNN_MAX_CPU_ISA; a CPU of this kind defaults to f32)" \
+                    if m.get("isa_cap") and k in results.get("float_rows", ()) else ""
+                lines.append(f"| {k} | {b} | - | - | - | not compiled{why}: {r['error'][:80]} | - |")
+                continue
             convs = f"{r['int8_convs']}/{r['convs']}" if r.get("convs") else "-"
-            lines.append(f"| {k} | {b} | {r['latency_ms']:.1f} | {r['imgs_per_s']:.2f} | {ratio} | {convs} |")
+            lines.append(f"| {k} | {b} | {r.get('precision', '-')} | {r['latency_ms']:.1f} | {r['imgs_per_s']:.2f} | "
+                         f"{_ratio_cell(r, k == fastest)} | {convs} |")
     lines += ["", "| file | MB |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in results["sizes_mb"].items()]
+    return "\n".join(lines)
+
+
+def profile_table(results):
+    """Markdown of the per-op profiles (PERF_COUNT): top ops by time, grouped by op type and kernel."""
+    lines = [f"# Per-op profile: {results['name']} ({results['model']}, {results['imgsz']} px, "
+             f"{results['machine']['cpu']}, {results['machine']['int8']})", ""]
+    for label, p in results.get("profile", {}).items():
+        lines += [f"## {label}, batch {p['batch']}: {p['total_ms']:.1f} ms in all ops (per-node medians)", "",
+                  "| op | kernel | count | ms | share |", "|---|---|---|---|---|"]
+        lines += [f"| {o['op']} | {o['kernel']} | {o['count']} | {o['ms']:.2f} | {o['share']:.1%} |" for o in p["ops"]]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -292,19 +337,22 @@ def chart(results, path):
     import matplotlib.pyplot as plt
 
     batches = list(results["batches"])
-    labels = [k for k, r in results["batches"][batches[0]].items() if "speedup" in r]  # the OpenVINO rows
-    fig, ax = plt.subplots(figsize=(7, 4))
-    w = 0.8 / len(labels)
+    labels = [k for k, r in results["batches"][batches[0]].items() if "latency_ms" in r and "speedup_vs_trt_fp16" not in r]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    w = 0.8 / max(len(labels), 1)
     for i, k in enumerate(labels):
-        vals = [results["batches"][b][k]["imgs_per_s"] for b in batches]
-        bars = ax.bar(np.arange(len(batches)) + i * w, vals, w, label=k)
-        for bar, b in zip(bars, batches):
-            ax.annotate(f"{results['batches'][b][k]['speedup']:.2f}x", (bar.get_x() + w / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
+        rows = [results["batches"][b].get(k, {}) for b in batches]
+        bars = ax.bar(np.arange(len(batches)) + i * w, [r.get("imgs_per_s", 0) for r in rows], w, label=k)
+        for bar, r in zip(bars, rows):
+            ratio = r.get("vs_float", r.get("speedup"))
+            if ratio:
+                ax.annotate(f"{ratio:.2f}x", (bar.get_x() + w / 2, bar.get_height()), ha="center", va="bottom",
+                            fontsize=7)
     ax.set_xticks(np.arange(len(batches)) + w * (len(labels) - 1) / 2, [f"batch {b}" for b in batches])
-    ax.set_ylabel("images / s")
-    ax.set_title(f"{results['name']} {results['imgsz']} px, OpenVINO CPU, {results['threads']} threads")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("images / s (x: vs fastest float)")
+    ax.set_title(f"{results['name']} {results['imgsz']} px, OpenVINO CPU ({results['machine']['int8']}), "
+                 f"{results['threads']} threads", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -312,10 +360,14 @@ def chart(results, path):
 
 def write(results, out):
     out = Path(out)
-    (out / f"{results['name']}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{results['name']}.md").write_text(table(results) + "\n")
-    chart(results, out / f"{results['name']}.png")
-    LOGGER.info("\n" + table(results) + f"\nwritten to {out}/{results['name']}.{{md,json,png}}")
+    name = results["name"]
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text(table(results) + "\n")
+    if results.get("profile"):
+        (out / f"{name}-profile.md").write_text(profile_table(results))
+    chart(results, out / f"{name}.png")
+    LOGGER.info("\n" + table(results) + f"\nwritten to {out}/{name}.{{md,json,png}}" +
+                (f" and {name}-profile.md" if results.get("profile") else ""))
 
 
 def parse_opt(argv=None):
@@ -331,7 +383,13 @@ def parse_opt(argv=None):
     p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed calls per model first")
     p.add_argument("--calib-images", type=positive_int, default=8, help="calibration images (QAT model and NNCF)")
     p.add_argument("--no-nncf", dest="nncf", action="store_false", help="skip the NNCF peer")
-    p.add_argument("--name", default=None, help="results name (default: cfg or weights stem)")
+    p.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
+                   help="deployed activation form: auto = by this CPU (rule, else timed)")
+    p.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
+                   help="deployed weight bits: no -> 7-bit weights; auto = by this CPU")
+    p.add_argument("--ir", default=None, help="also time this OpenVINO IR folder (export_qat.py --include openvino)")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-op profile")
+    p.add_argument("--name", default=None, help="results name (default: cfg or weights stem, -<isa> when capped)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--trusted", action="store_true", help="load a checkpoint outside the safe-load allow-list")
     return p.parse_args(argv)

@@ -31,20 +31,28 @@ def latency_section(r, readme_dir):
     b1 = r["batches"].get("1") or next(iter(r["batches"].values()))
     q = next((v for k, v in b1.items() if k.startswith("QAT")), None)
     n = next((v for k, v in b1.items() if k.startswith("NNCF")), None)
-    lines = [f"### {r['name']}: CPU latency on OpenVINO", ""]
-    if q:
+    lines = [f"### {r['name']}: CPU latency on OpenVINO ({r['machine'].get('int8', '?')})", ""]
+    if "deployed" in r:  # the headline and every ratio are against the fastest float row (table() writes both)
+        profile = RESULTS / f"{r['name']}-profile.md"
+        lines += [table(r), ""] + ([f"Per-op profile: [{profile.name}]({_rel(profile, readme_dir)})", ""]
+                                   if profile.is_file() else [])
+    elif q:
         verdict = f"QAT Q/DQ ONNX **{q['speedup']:.2f}x** the FP32 ONNX at batch 1"
         if n:
             verdict += f"; NNCF post-training INT8 {n['speedup']:.2f}x (QAT {n['latency_ms'] / q['latency_ms']:.2f}x NNCF's speed)"
         lines += [verdict + ".", ""]
-    lines += [table(r), ""]
+    if "deployed" not in r:
+        lines += [table(r), ""]
     if png.is_file():
-        try:
-            rel = png.relative_to(readme_dir)
-        except ValueError:
-            rel = png
-        lines += [f"![{r['name']} throughput]({rel.as_posix()})", ""]
+        lines += [f"![{r['name']} throughput]({_rel(png, readme_dir)})", ""]
     return lines
+
+
+def _rel(path, readme_dir):
+    try:
+        return path.relative_to(readme_dir).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def accuracy_section(name, r):

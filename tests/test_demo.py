@@ -9,13 +9,18 @@ def test_summary_keeps_the_two_protocols_apart():
     deployed = {"rows": [{"model": "ONNX Runtime (reference)", "mAP50-95": 0.48, "mAP50": 0.68},
                          {"model": "deployed (openvino)", "mAP50-95": 0.481, "mAP50": 0.681}],
                 "reference": "ONNX Runtime (reference)", "deployed_delta": 0.001}
-    text, rows, deploy_rows = demo.summary("demo", report, deployed, "qat_best.pt: QAT epoch 1", 2, 12.0, 8.0, 300)
+    latency = {"float_label": "FP32 ONNX (default (bf16))", "float_ms": 12.0, "int8_label": "INT8 Q/DQ ONNX (uint8 form)",
+               "int8_ms": 8.0}
+    text, rows, deploy_rows = demo.summary("demo", report, deployed, "qat_best.pt: QAT epoch 1", 2, latency, 300)
     quant, deploy = text.split("Deployment of qat_best.onnx")
     assert "| QAT | 0.4950 | 0.6950 | -0.0050 |" in quant and "ONNX Runtime" not in quant
     assert "| deployed (openvino) | 0.4810 | 0.6810 | +0.0010 |" in deploy and "| PTQ |" not in deploy
     assert "qat_best.pt: QAT epoch 1" in quant and "mAP50-95 +0.0010 (val_trt.py tolerance" in deploy
-    assert "1.50x faster" in text and "wall time of this demo: 300 s" in text
+    assert "fastest float FP32 ONNX (default (bf16)) 12.0 ms" in text and "1.50x faster" in text
+    assert "wall time of this demo: 300 s" in text
     assert [r[0] for r in rows] == ["FP32", "PTQ", "QAT"] and len(deploy_rows) == 2
+    slow = demo.summary("demo", report, deployed, "", 2, {**latency, "int8_ms": 15.0}, 300)[0]
+    assert "1.25x slower" in slow and "faster" not in slow  # never a ratio below one shown as a speed-up
 
 
 def test_steps_run_single_threaded_unless_told(monkeypatch):

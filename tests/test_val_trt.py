@@ -105,3 +105,31 @@ def test_bad_input(setup, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
+
+
+def test_openvino_ir_folder_from_export_qat(setup, tmp_path):
+    """export_qat.py --include onnx openvino -> <stem>_openvino_model/, which val_trt takes as the model
+    (backend auto -> openvino) and validates like the ONNX it came from."""
+    import shutil
+
+    import export_qat
+
+    data, ckpt = setup
+    weights = tmp_path / "qat_best.pt"
+    shutil.copy(ckpt, weights)
+    out = export_qat.run(weights, imgsz=[kit.IMGSZ], batch_size=2, include=["onnx", "openvino"], act_form="uint8",
+                         vnni="yes", threads=1)
+    folder = tmp_path / "qat_best_openvino_model"
+    assert out["openvino"]["path"] == str(folder) and (folder / "qat_best.xml").is_file()
+    assert out["openvino"]["choice"]["act_form"] == "uint8" and (tmp_path / "qat_best.onnx").is_file()
+    r = val_trt.run(data=data, onnx=folder, batch_size=2, threads=2, workers=0, project=tmp_path, name="ir")
+    from_onnx = val_trt.run(data=data, onnx=tmp_path / "qat_best.onnx", batch_size=2, backend="openvino", threads=2,
+                            act_form="uint8", vnni="yes", workers=0, reference=False, project=tmp_path, name="onnx")
+    assert r["backend"] == "openvino" and r["act_form"]["act_form"] == "uint8"
+    assert [row["model"] for row in r["rows"]] == ["deployed (openvino)"]  # no ONNX Runtime row for an IR
+    assert r["rows"][-1]["mAP50-95"] == from_onnx["rows"][-1]["mAP50-95"]
+    assert "OpenVINO INT8 form: uint8 activations" in (tmp_path / "ir" / "results.md").read_text()
+    with pytest.raises(UserError, match="is an OpenVINO IR: use --backend openvino"):
+        val_trt.run(data=data, onnx=folder, backend="onnxruntime", project=tmp_path)
+    with pytest.raises(UserError, match="--include tflite: unknown; use any of onnx openvino"):
+        export_qat.run(weights, include=["onnx", "tflite"])

@@ -14,12 +14,12 @@ from qat.compat import UserError
 from qat.deploy.base import Backend, require_qdq
 from qat.deploy.cpu import cpu_int8_features
 from qat.deploy.onnxruntime import ONNXRuntimeBackend
-from qat.deploy.openvino import OpenVINOBackend, compressed_ir
+from qat.deploy.openvino import OpenVINOBackend, choose_form, compressed_ir, export_ir
 from qat.deploy.tensorrt import TensorRTBackend, build_engine, tensorrt_available
 
 BACKENDS = ("openvino", "onnxruntime", "tensorrt")
 __all__ = ["BACKENDS", "Backend", "ONNXRuntimeBackend", "OpenVINOBackend", "TensorRTBackend", "build_engine",
-           "compressed_ir", "cpu_int8_features", "load_backend", "require_qdq", "resolve_backend",
+           "choose_form", "compressed_ir", "cpu_int8_features", "export_ir", "load_backend", "require_qdq", "resolve_backend",
            "tensorrt_available"]
 
 
@@ -33,16 +33,21 @@ def resolve_backend(name):
     return name
 
 
-def load_backend(name, path, threads=None, vnni=None, uint8=True, names=None, strides=None, **kw):
-    """Backend `name` (auto | openvino | onnxruntime | tensorrt) for the ONNX (or engine) at `path`."""
+def load_backend(name, path, threads=None, vnni=None, act_form="auto", names=None, strides=None, **kw):
+    """Backend `name` (auto | openvino | onnxruntime | tensorrt) for the ONNX (or engine, or OpenVINO
+    IR folder) at `path`."""
     name = resolve_backend(name)
     path = Path(path)
+    if path.is_dir() and name == "openvino":
+        return OpenVINOBackend(path, threads=threads, vnni=vnni, act_form=act_form, names=names, strides=strides, **kw)
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder (an OpenVINO IR?): use --backend openvino, or pass the ONNX")
     if not path.is_file():
         raise UserError(f"model file '{path}' not found; check the path")
     if path.suffix == ".engine" and name != "tensorrt":
         raise UserError(f"'{path.name}' is a TensorRT engine: use --backend tensorrt (or pass the ONNX)")
     if name == "openvino":
-        return OpenVINOBackend(path, threads=threads, vnni=vnni, uint8=uint8, names=names, strides=strides, **kw)
+        return OpenVINOBackend(path, threads=threads, vnni=vnni, act_form=act_form, names=names, strides=strides, **kw)
     if name == "onnxruntime":
         return ONNXRuntimeBackend(path, threads=threads, names=names, strides=strides, **kw)
     return TensorRTBackend(path, names=names, strides=strides, **kw)

@@ -22,7 +22,7 @@ def test_section_and_readme_update(tmp_path):
     text = section(res, tmp_path)
     assert text.startswith(START) and text.rstrip().endswith(END)
     assert "**2.00x** the FP32 ONNX at batch 1" in text and "QAT 1.14x NNCF's speed" in text
-    assert "| QAT Q/DQ ONNX (u8 form) | 1 | 350.0 | 2.86 | 2.00x | 144/145 |" in text
+    assert "| QAT Q/DQ ONNX (u8 form) | 1 | - | 350.0 | 2.86 | 2.00x | 144/145 |" in text  # a result from before
     assert "Machine: Test CPU" in text
 
     readme = tmp_path / "README.md"
@@ -48,3 +48,32 @@ def test_agreement_results_get_their_own_section(tmp_path):
     assert "### Deployment agreement (demo-gelan): qat_best.onnx, 1000 val images, 320 px" in text
     assert "| ONNX Runtime (reference) | 0.4800 | 0.6000 | +0.0000 | +0.7 | - | - |" in text
     assert "QAT 1.14x NNCF's speed" in text  # the latency section is still there
+
+
+def test_new_latency_results_show_the_headline_against_the_fastest_float(tmp_path):
+    from benchmarks.bench_latency import headline
+
+    res = tmp_path / "results"
+    res.mkdir()
+    row = lambda ms, i=0, prec="f32": {"latency_ms": ms, "imgs_per_s": 1000 / ms, "int8_convs": i, "convs": 186,  # noqa: E731
+                                       "precision": prec}
+    rows = {"FP32 ONNX, default (bf16)": row(8.0, prec="bf16"), "FP32 ONNX, f32": row(13.0),
+            "QAT Q/DQ, int8 form": row(9.0, 185), "QAT Q/DQ, uint8 form (deployed)": row(8.5, 185),
+            "NNCF PTQ INT8": row(9.5, 183)}
+    from qat.deploy.openvino import versus_float
+
+    r = {"name": "demo-gelan-avx2", "model": "demo", "imgsz": 320, "threads": 2, "date": "2026-01-01",
+         "sizes_mb": {}, "deployed": "QAT Q/DQ, uint8 form (deployed)", "float_rows": list(rows)[:2],
+         "choice": {"act_form": "uint8", "weight_bits": 7, "reason": "AVX2 without VNNI"},
+         "machine": {"cpu": "Test CPU", "logical_cpus": 2, "int8": "AVX2, no VNNI under ONEDNN_MAX_CPU_ISA=AVX2",
+                     "flags": ["avx2"], "openvino": "2026.4", "torch": "2.x", "python": "3.11"},
+         "batches": {"1": rows}, "fastest_float": {"1": versus_float(rows, ["FP32 ONNX, default (bf16)", "FP32 ONNX, f32"])}}
+    r["headline"] = headline(r)
+    (res / "demo-gelan-avx2.json").write_text(json.dumps(r))
+    text = section(res, tmp_path)
+    assert "### demo-gelan-avx2: CPU latency on OpenVINO (AVX2, no VNNI under ONEDNN_MAX_CPU_ISA=AVX2)" in text
+    assert "**1.06x slower** than the fastest float row (FP32 ONNX, default (bf16), 8.0 ms)" in text
+    assert "| FP32 ONNX, default (bf16) | 1 | bf16 | 8.0 | 125.00 | 1.00x (fastest float) | 0/186 |" in text
+    assert "| QAT Q/DQ, uint8 form (deployed) | 1 | f32 | 8.5 | 117.65 | 0.94x **slower** | 185/186 |" in text
+    assert "| FP32 ONNX, f32 | 1 | f32 | 13.0 | 76.92 | 0.62x | 0/186 |" in text  # a float row is not 'slower'
+    assert "Deployed form: uint8 activations, 7-bit weights (AVX2 without VNNI)" in text

@@ -201,3 +201,13 @@ def run_ort(path_or_model, x):
     so.log_severity_level = 3
     src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+
+
+
+def assert_same_nms(y, ref, min_iou=0.95):
+    """Raw outputs y and ref give the same detections after NMS (conf 0.25), with enough of them to mean it."""
+    from utils.general import non_max_suppression
+
+    a, b = non_max_suppression(y, 0.25, 0.45), non_max_suppression(ref, 0.25, 0.45)
+    assert sum(len(d) for d in b) > 2
+    assert_same_detections(a, b, min_iou=min_iou)

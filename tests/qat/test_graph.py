@@ -1,4 +1,4 @@
-"""qat.graph: the Q/DQ post-process (DESIGN.md section 4) and the OpenVINO-path rewrites."""
+"""qat.graph: the Q/DQ post-process (DESIGN.md section 4). The OpenVINO-path rewrites: tests/qat/deploy/."""
 import numpy as np
 import onnx
 import pytest
@@ -6,7 +6,6 @@ import torch
 from onnx import numpy_helper
 
 import qat_testkit as kit
-from qat.deploy.openvino import activations_to_uint8, requantize_weights, weight_levels
 from qat.graph import constants_to_initializers, format_report, import_graph, postprocess, scale_classes
 from qat.lint import lint
 from qat.settings import QuantSettings
@@ -54,29 +53,6 @@ def test_mismatched_scales_are_flagged_by_lint_and_fixed_by_postprocess(tmp_path
     assert lint(path) == []
     fixed = _concat_class(import_graph(path))
     assert fixed.agrees() and abs(fixed.scales()[0] - scale) < 1e-12
-
-
-def test_activations_to_uint8_is_lossless():
-    m = onnx.load(str(kit.onnx_path("qat")))
-    u8 = onnx.ModelProto()
-    u8.CopyFrom(m)
-    n = activations_to_uint8(u8)
-    zps = {t.name: numpy_helper.to_array(t) for t in u8.graph.initializer}
-    acts = [nd for nd in u8.graph.node if nd.op_type == "QuantizeLinear" and nd.input[0] not in zps]
-    assert n == 2 * len(acts) > 0
-    assert all(zps[nd.input[2]].dtype == np.uint8 and zps[nd.input[2]] == 128 for nd in acts)
-    x = kit.images(2)
-    assert np.array_equal(kit.run_ort(m, x), kit.run_ort(u8, x))  # bit-identical: same scale, range shifted by 128
-
-
-def test_requantize_weights_to_seven_bits():
-    m = onnx.load(str(kit.onnx_path("qat")))
-    assert max(weight_levels(m).values()) == 127
-    done = requantize_weights(m, 7)
-    assert len(done) == len(weight_levels(m)) and max(weight_levels(m).values()) <= 64
-    assert requantize_weights(m, 7) == []  # already 7-bit: nothing to do
-    w7 = onnx.load(str(kit.onnx_path("qat_w7")))  # trained / exported with --weight-bits 7
-    assert requantize_weights(w7, 7) == []
 
 
 def test_postprocess_bad_input(tmp_path):
@@ -132,6 +108,9 @@ def helper_attr(node, name):
 
 
 def test_uint8_rewrite_leaves_a_per_tensor_weight_alone():
+    """The OpenVINO rewrite (qat.deploy.openvino) on the nc=1 head conv built above."""
+    from qat.deploy.openvino import activations_to_uint8
+
     m = _one_channel_conv_model()
     u8 = onnx.ModelProto()
     u8.CopyFrom(m)

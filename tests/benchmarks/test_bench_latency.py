@@ -1,0 +1,50 @@
+"""benchmarks/bench_latency.py on the tiny test network: float rows under the runtime's default precision
+and f32, both activation forms with the deployed one marked, ratios against the fastest float, the
+per-op profile, an IR folder as a row (the real numbers come from running it on gelan-c / the demo model)."""
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "qat"))
+import qat_testkit as kit  # noqa: E402
+from benchmarks import bench_latency as bench  # noqa: E402
+from qat.deploy.openvino import choose_form, export_ir  # noqa: E402
+
+
+def test_rows_ratios_profile_and_files(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(kit.tiny_cfg()))
+    ir = export_ir(kit.onnx_path("qat", tmp_path), threads=1)["path"]
+    r = bench.run(cfg=str(cfg), imgsz=64, batch_sizes=(1, 2), threads=1, iters=1, rounds=2, warmup=1, calib_images=2,
+                  nncf=False, ir=str(ir), name="tiny", out=tmp_path / "results")
+    chosen = choose_form()  # this machine (and ONEDNN_MAX_CPU_ISA, if set)
+    floats = [k for k in r["batches"]["1"] if k.startswith("FP32 ONNX")]
+    assert len(floats) == 2 and floats[1] == "FP32 ONNX, f32" and floats[0].startswith("FP32 ONNX, default (")
+    assert r["deployed"] == f"QAT Q/DQ, {chosen.act_form} form (deployed)" and r["choice"]["act_form"] == chosen.act_form
+    assert [k for k in r["batches"]["1"] if "form" in k] == [
+        "QAT Q/DQ, int8 form" + (" (deployed)" if chosen.act_form == "int8" else ""),
+        "QAT Q/DQ, uint8 form" + (" (deployed)" if chosen.act_form == "uint8" else "")]
+    ir_row = "IR qat_openvino_model"  # exported with a static batch of 2: no row at batch 1, timed at 2
+    assert "error" in r["batches"]["1"].pop(ir_row) and r["batches"]["2"][ir_row]["int8_convs"] > 0
+    for b, rows in r["batches"].items():
+        best = r["fastest_float"][b]
+        assert best in floats and rows[best]["vs_float"] == 1.0
+        for k, row in rows.items():
+            assert abs(row["vs_float"] - rows[best]["latency_ms"] / row["latency_ms"]) < 1e-9
+            assert row["latency_ms"] >= rows[best]["latency_ms"] or k not in floats
+            assert row["slower"] == (row["vs_float"] < 1) if k not in floats else "slower" not in row
+        assert rows[r["deployed"]]["int8_convs"] == rows[r["deployed"]]["convs"] - 1 > 0
+    assert r["machine"]["flags"] is not None and r["machine"]["isa"] == chosen.isa["isa"]
+    assert set(r["profile"]) == {r["deployed"], floats[0]}
+    assert all(p["ops"] and p["ops"][0]["ms"] >= p["ops"][-1]["ms"] for p in r["profile"].values())
+    out = tmp_path / "results"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-profile.md", "tiny.json", "tiny.md", "tiny.png"]
+    assert json.loads((out / "tiny.json").read_text())["headline"] == r["headline"]
+    md = (out / "tiny.md").read_text()
+    assert r["headline"] in md and "(fastest float)" in md
+    dep = r["batches"]["1"][r["deployed"]]
+    assert ("slower" in r["headline"]) == dep["slower"] and ("**slower**" in md) == any(
+        row.get("slower") for rows in r["batches"].values() for row in rows.values())
+    assert "| op | kernel | count | ms | share |" in (out / "tiny-profile.md").read_text()
