@@ -39,7 +39,7 @@ def add_common_args(p):
     # quantization
     p.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=8,
                    help="8, or 7 for CPUs without VNNI (DESIGN.md section 5)")
-    p.add_argument("--calib-method", default="auto", choices=("auto",) + tuple(CALIB_METHODS),
+    p.add_argument("--calib-method", default="auto", choices=CALIB_METHODS,
                    help=f"activation calibration: {' | '.join(CALIB_METHODS)}; auto: the best PTQ mAP50-95 on the "
                         f"selection split among max, percentile 99.9/99.99/99.999, mse, entropy")
     p.add_argument("--percentile", type=float_range(0.0, 100.0, lo_open=True), default=99.99,
