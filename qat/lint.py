@@ -166,7 +166,7 @@ def _residual_violations(graph, placement, float_patterns):
     (its Conv or the activation right after it) so TensorRT can fuse the Add into that convolution."""
     v = []
     for n in graph.nodes:
-        if n.op != "Add" or len(n.inputs) != 2 or matches(module_name(n), float_patterns):
+        if n.op != "Add" or len(n.inputs) != 2 or matches(module_name(n), float_patterns or []):
             continue
         fed = [_dq_of(t) is not None for t in n.inputs]
         if sum(fed) != 1:

@@ -70,13 +70,13 @@ def test_residual_placement_exports_and_lints_clean(mode, tmp_path):
 
 
 def test_lint_checks_the_recorded_placement(tmp_path):
-    from qat.graph import _save
+    from qat.graph import save_onnx
     from qat.lint import lint
 
     _, path = _export("shortcut", tmp_path)
     m = onnx.load(str(path))
     next(p for p in m.metadata_props if p.key == "residual_quant").value = "both"
-    _save(m, path)
+    save_onnx(m, path)
     v = lint(path)
     assert len(v) == 4 and all("only one quantized input" in line for line in v)
 
