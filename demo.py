@@ -55,8 +55,8 @@ def _latency(fp32_onnx, int8_onnx, threads, rounds=5, iters=5, imgsz=320):
     machine noise hits them alike. Returns {'float_ms', 'float_label', 'int8_ms', 'int8_label'}."""
     import onnx
 
-    from qat.deploy.openvino import (choose_form, float_precisions, prepare_onnx, read_onnx, time_round_robin,
-                                     versus_float)
+    from qat.deploy.latency import float_precisions, time_round_robin, versus_float
+    from qat.deploy.openvino import choose_form, prepare_onnx, read_onnx
 
     q = onnx.load(str(int8_onnx))
     choice = choose_form("auto", None, q, threads, [1, 3, imgsz, imgsz])
@@ -101,7 +101,7 @@ def summary(title, report, deployed, best, threads, latency, wall_s):
     if deployed.get("deployed_delta") is not None:  # the engine must compute what the model was trained to
         lines += ["", f"deployed INT8 vs {ref}: mAP50-95 {deployed['deployed_delta']:+.4f} (val_trt.py tolerance "
                       f"0.002; benchmarks/bench_agreement.py measures the noise floor)"]
-    from qat.deploy.openvino import speed_phrase
+    from qat.deploy.latency import speed_phrase
 
     lat = latency
     lines += ["", f"OpenVINO latency, batch 1, {threads} threads: fastest float {lat['float_label']} "

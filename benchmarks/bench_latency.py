@@ -53,7 +53,7 @@ def machine():
     import openvino as ov
 
     from qat.deploy.cpu import effective_isa
-    from qat.deploy.openvino import float_precisions
+    from qat.deploy.latency import float_precisions
 
     isa = effective_isa()
     name = isa.get("model") or platform.processor() or platform.machine()
@@ -196,7 +196,7 @@ def _form_models(q_onnx, choice):
 
 def headline(results, batch="1"):
     """One sentence: the deployed model against the fastest float row (and NNCF) at `batch`."""
-    from qat.deploy.openvino import speed_phrase
+    from qat.deploy.latency import speed_phrase
 
     rows = results["batches"].get(batch) or next(iter(results["batches"].values()))
     dep, flt = rows.get(results.get("deployed")), rows.get(results.get("fastest_float", {}).get(batch))
@@ -219,7 +219,8 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
     import onnx
     import openvino as ov
 
-    from qat.deploy.openvino import choose_form, float_precisions, ir_xml, read_onnx, time_round_robin, versus_float
+    from qat.deploy.latency import float_precisions, time_round_robin, versus_float
+    from qat.deploy.openvino import choose_form, ir_xml, read_onnx
     from qat.export import export_qat_onnx
     from qat.lint import lint
 

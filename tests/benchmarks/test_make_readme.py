@@ -60,7 +60,7 @@ def test_new_latency_results_show_the_headline_against_the_fastest_float(tmp_pat
     rows = {"FP32 ONNX, default (bf16)": row(8.0, prec="bf16"), "FP32 ONNX, f32": row(13.0),
             "QAT Q/DQ, int8 form": row(9.0, 185), "QAT Q/DQ, uint8 form (deployed)": row(8.5, 185),
             "NNCF PTQ INT8": row(9.5, 183)}
-    from qat.deploy.openvino import versus_float
+    from qat.deploy.latency import versus_float
 
     r = {"name": "demo-gelan-avx2", "model": "demo", "imgsz": 320, "threads": 2, "date": "2026-01-01",
          "sizes_mb": {}, "deployed": "QAT Q/DQ, uint8 form (deployed)", "float_rows": list(rows)[:2],

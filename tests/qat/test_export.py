@@ -8,7 +8,7 @@ import torch
 
 import qat_testkit as kit
 from qat.deploy import load_backend
-from qat.deploy.openvino import weight_levels
+from qat.deploy.openvino_rewrites import weight_levels
 from qat.graph import import_graph, metadata, qdq_counts
 from qat.lint import lint, module_name, summary
 from utils.general import UserError, non_max_suppression

@@ -109,7 +109,7 @@ def helper_attr(node, name):
 
 def test_uint8_rewrite_leaves_a_per_tensor_weight_alone():
     """The OpenVINO rewrite (qat.deploy.openvino) on the nc=1 head conv built above."""
-    from qat.deploy.openvino import activations_to_uint8
+    from qat.deploy.openvino_rewrites import activations_to_uint8
 
     m = _one_channel_conv_model()
     u8 = onnx.ModelProto()

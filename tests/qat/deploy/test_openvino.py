@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qat_testkit as kit  # noqa: E402
 from qat.deploy import OpenVINOBackend, load_backend  # noqa: E402
 from qat.deploy.cpu import effective_isa  # noqa: E402
-from qat.deploy.openvino import (RULES, activations_to_uint8, choose_form, export_ir, quantize_before_slices,  # noqa: E402
-                                 requantize_weights, weight_levels)
+from qat.deploy.openvino import RULES, choose_form, export_ir  # noqa: E402
+from qat.deploy.openvino_rewrites import (activations_to_uint8, quantize_before_slices, requantize_weights, weight_levels)  # noqa: E402
 from qat.lint import summary  # noqa: E402
 from utils.general import UserError  # noqa: E402
 
@@ -72,7 +72,7 @@ import json, sys, warnings
 sys.path.insert(0, {root!r})
 import numpy as np, onnx, torch
 from qat.deploy import OpenVINOBackend, load_backend
-from qat.deploy.openvino import requantize_weights
+from qat.deploy.openvino_rewrites import requantize_weights
 x = torch.from_numpy(np.load({x!r}))
 out = {{}}
 for name, path in {paths!r}.items():
