@@ -157,8 +157,11 @@ def test_killed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     f = tmp_path / "last.pt"
     save_atomic({"epoch": 1}, f)
 
-    def dies_mid_write(obj, fh, *a, **k):
-        fh.write(b"PK\x03\x04 half a zip")
+    def dies_mid_write(obj, f, *a, **k):  # torch.save gets the temporary path (or a file handle)
+        if hasattr(f, "write"):
+            f.write(b"PK\x03\x04 half a zip")
+        else:
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
