@@ -431,14 +431,14 @@ def validate_and_save(loop, epoch, mloss, lr, results, best_fitness, stopper, ev
     return results, best_fitness, stop
 
 
-def finish_training(loop, epochs_done, t0, results, evaluate, device, opt, callbacks, epoch):
-    """Main rank, after the last epoch: stripped checkpoints, a verbose validation of best.pt, result
-    tables and plots -> the final results (of best.pt when there is one)."""
+def finish_training(loop, start_epoch, epoch, t0, results, evaluate, device, opt, callbacks):
+    """Main rank, after the last epoch (`epoch`): stripped checkpoints, a verbose validation of best.pt,
+    result tables and plots -> the final results (of best.pt when there is one)."""
     save_dir = Path(opt.save_dir)
     w = save_dir / "weights"
     last, best = w / "last.pt", w / "best.pt"
     plots = not opt.noplots
-    LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
     for f in (last, best):
         if f.exists():
             strip_optimizer(f, w / f"{f.stem}_striped.pt")
@@ -506,7 +506,7 @@ def train(hyp, opt, device, callbacks):
             break
 
     if main_rank:
-        results = finish_training(loop, epoch - start_epoch + 1, t0, results, evaluate, device, opt, callbacks, epoch)
+        results = finish_training(loop, start_epoch, epoch, t0, results, evaluate, device, opt, callbacks)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results

@@ -213,8 +213,8 @@ def _tally_image(tally, si, pred, im, targets, path, shape, iouv, single_cls, co
 
 
 def _ap_metrics(stats, nc, can_plot, save_dir, names, ap_method):
-    """Per-image statistics -> (mp, mr, map50, map, p, r, ap50, ap, ap_class, nt): the upstream AP over
-    the classes that occur; nt = labels per class."""
+    """Per-image statistics -> (mp, mr, map50, map, p, r, ap50, ap, ap_class, nt): upstream's AP over
+    the classes that have labels (ap_class); nt = labels per class."""
     mp, mr, map50, map_ = 0.0, 0.0, 0.0, 0.0
     p = r = ap50 = ap = np.zeros(0)
     ap_class = np.zeros(0, dtype=int)
@@ -229,7 +229,7 @@ def _ap_metrics(stats, nc, can_plot, save_dir, names, ap_method):
 
 
 def _log_table(m, names, seen, task, nc, per_class):
-    """The upstream table: 'all' and (per_class, several classes) one row per class with labels or detections."""
+    """The upstream table: 'all', then (per_class and several classes) one row per class with labels."""
     mp, mr, map50, map_, p, r, ap50, ap, ap_class, nt = m
     LOGGER.info(TABLE_HEADER)
     LOGGER.info(ROW_FORMAT % ("all", seen, nt.sum(), mp, mr, map50, map_))
