@@ -24,7 +24,9 @@ import sys
 import time
 import warnings
 from copy import deepcopy
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,54 +211,60 @@ def write_results_tables(save_dir):
 
 # --- training ----------------------------------------------------------------------------------------
 
-def train(hyp, opt, device, callbacks):
-    """Train with the settings in `opt` (see parse_opt) on `device`; returns the final results tuple
-    (P, R, mAP50, mAP50-95, val box/cls/dfl loss) of best.pt."""
-    save_dir, epochs, batch_size = Path(opt.save_dir), opt.epochs, opt.batch_size
-    main_rank = RANK in (-1, 0)
-    w = save_dir / "weights"
-    last, best = w / "last.pt", w / "best.pt"
+@dataclass
+class _Loop:
+    """What the epochs share and update: the model being trained (DDP-wrapped in DDP), its optimizer,
+    LR schedule, EMA and loss, and the counters that warmup and gradient accumulation carry over."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: lr_scheduler.LambdaLR
+    lf: object  # epoch -> LR factor: the schedule's lambda, also read by warmup
+    ema: object  # ModelEMA on the main rank, None on the others
+    scaler: torch.amp.GradScaler
+    compute_loss: ComputeLoss
+    amp: bool
+    nbs: int  # nominal batch size
+    accumulate: int  # batches per optimizer step (raised during warmup)
+    nb: int  # batches per epoch
+    nw: int  # warmup iterations (-1: no warmup)
+    last_opt_step: int = -1
 
-    hyp = load_hyp(hyp)
-    opt.hyp = hyp.copy()  # saved in opt.yaml and the checkpoints (before weight decay scaling)
 
-    cuda = device.type == "cuda"
-    amp = cuda  # mixed precision only where it pays and is numerically checked: CUDA
-    plots = not opt.noplots
+def freeze_layers(model, freeze):
+    """--freeze N: no gradients for the first N layers; --freeze A B ...: for those layers."""
+    if max(freeze) >= len(model.model):
+        raise UserError(f"--freeze {' '.join(map(str, freeze))}: the model has layers 0-{len(model.model) - 1} "
+                        f"(--freeze N freezes the first N, --freeze A B ... those layers)")
+    prefixes = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
+    for k, v in model.named_parameters():
+        if any(x in k for x in prefixes):
+            LOGGER.info(f"freezing {k}")
+            v.requires_grad = False
+
+
+def prepare_run(hyp, opt, device):
+    """Seeds, dataset, model, frozen layers, image size and run folder -> (data_dict, model, ckpt, gs, imgsz)."""
+    save_dir = Path(opt.save_dir)
     init_seeds(opt.seed + 1 + RANK, deterministic=True)
     with torch_distributed_zero_first(LOCAL_RANK):
         data_dict = check_dataset(opt.data)
     nc = 1 if opt.single_cls else int(data_dict["nc"])
     names = ["item"] if opt.single_cls else data_dict["names"]
-
-    # Model
     model, ckpt = build_model(opt, nc, names, device)
-    if max(opt.freeze) >= len(model.model):
-        raise UserError(f"--freeze {' '.join(map(str, opt.freeze))}: the model has layers 0-{len(model.model) - 1} "
-                        f"(--freeze N freezes the first N, --freeze A B ... those layers)")
-    freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
-    for k, v in model.named_parameters():
-        if any(x in k for x in freeze):
-            LOGGER.info(f"freezing {k}")
-            v.requires_grad = False
+    freeze_layers(model, opt.freeze)
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
-    if main_rank:  # only now: a run that fails on its inputs leaves no run folder behind
-        w.mkdir(parents=True, exist_ok=True)
+    if RANK in (-1, 0):  # only now: a run that fails on its inputs leaves no run folder behind
+        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
         LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
         yaml_save(save_dir / "hyp.yaml", hyp)
         yaml_save(save_dir / "opt.yaml", vars(opt))
+    return data_dict, model, ckpt, gs, imgsz
 
-    # QAT (issues 4-5): `--qat` hands the loaded FP32 model to qat.pipeline (the code train_qat.py
-    # runs) and returns its results instead of running the FP32 loop below (DDP is set up by main()).
-    if getattr(opt, "qat", False):
-        from qat.pipeline import run_from_train
-        return run_from_train(model, opt=opt, hyp=hyp, data_dict=data_dict, device=device)
 
-    # Data
-    train_loader, dataset, val_loader = build_dataloaders(data_dict, imgsz, batch_size, gs, hyp, opt)
-
-    # Optimizer, LR schedule, EMA
+def build_optimizer(model, hyp, opt):
+    """-> (optimizer, scheduler, lf, nbs, accumulate). Scales hyp's weight decay to the batch size."""
+    batch_size, epochs = opt.batch_size, opt.epochs
     nbs = hyp.get("nbs", NBS)  # optional hyp key (not in upstream's yamls): fewer images per optimizer step
     accumulate = max(round(nbs / batch_size), 1)
     hyp["weight_decay"] *= batch_size * accumulate / nbs
@@ -268,14 +276,21 @@ def train(hyp, opt, device, callbacks):
     else:
         lf = linear_lr(hyp["lrf"], epochs)
     scheduler = lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    return optimizer, scheduler, lf, nbs, accumulate
+
+
+def make_loop(model, ckpt, hyp, opt, device, nb):
+    """Optimizer, schedule and EMA for `model` (restored from `ckpt` on --resume), SyncBatchNorm and
+    DDP wrapping -> (loop, best_fitness, start_epoch). nb: batches per epoch."""
+    main_rank, cuda = RANK in (-1, 0), device.type == "cuda"
+    optimizer, scheduler, lf, nbs, accumulate = build_optimizer(model, hyp, opt)
     ema = ModelEMA(model) if main_rank else None
 
     best_fitness, start_epoch = 0.0, 0
     if ckpt is not None and opt.resume:
-        best_fitness, start_epoch = resume_state(ckpt, optimizer, ema, opt.weights, epochs)
+        best_fitness, start_epoch = resume_state(ckpt, optimizer, ema, opt.weights, opt.epochs)
         if main_rank:
-            _truncate_results(save_dir / "results.csv", start_epoch)
-    del ckpt
+            _truncate_results(Path(opt.save_dir) / "results.csv", start_epoch)
 
     if opt.sync_bn and cuda and RANK != -1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
@@ -284,125 +299,205 @@ def train(hyp, opt, device, callbacks):
     if RANK != -1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None,
                                                     output_device=LOCAL_RANK if cuda else None)
-
-    # Start training
-    t0 = time.time()
-    nb = len(train_loader)
     nw = max(round(hyp["warmup_epochs"] * nb), 100) if hyp["warmup_epochs"] > 0 else -1  # warmup iterations
-    last_opt_step = -1
-    results = (0, 0, 0, 0, 0, 0, 0)  # P, R, mAP50, mAP50-95, val box, cls, dfl
     scheduler.last_epoch = start_epoch - 1
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    stopper, stop = EarlyStopping(patience=opt.patience), False
-    compute_loss = ComputeLoss(model)
+    amp = cuda  # mixed precision only where it pays and is numerically checked: CUDA
+    loop = _Loop(model=model, optimizer=optimizer, scheduler=scheduler, lf=lf, ema=ema,
+                 scaler=torch.amp.GradScaler("cuda", enabled=amp), compute_loss=ComputeLoss(model), amp=amp,
+                 nbs=nbs, accumulate=accumulate, nb=nb, nw=nw)
+    return loop, best_fitness, start_epoch
+
+
+def _warmup(loop, ni, epoch, hyp, batch_size):
+    """Warmup step `ni`: bias lr falls from warmup_bias_lr, other lrs rise from 0, momentum rises, and
+    gradients accumulate over more batches as the nominal batch size is approached."""
+    xi = [0, loop.nw]
+    loop.accumulate = max(1, int(np.interp(ni, xi, [1, loop.nbs / batch_size]).round()))
+    for j, x in enumerate(loop.optimizer.param_groups):
+        x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0,
+                                           x["initial_lr"] * loop.lf(epoch)]))
+        if "momentum" in x:
+            x["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
+
+
+def _train_batch(loop, imgs, targets, ni, epoch, i, hyp, device):
+    """Forward, backward and (every `accumulate` batches) an optimizer + EMA step -> loss items."""
+    with torch.autocast(device_type=device.type, enabled=loop.amp):
+        pred = loop.model(imgs)
+        loss, loss_items = loop.compute_loss(pred, targets.to(device))  # loss scaled by batch size
+        if not torch.isfinite(loss).all():
+            raise UserError(f"training diverged: the loss is {loss.item()} at epoch {epoch}, batch {i} "
+                            f"(lr0={hyp['lr0']}): lower lr0 in --hyp; last.pt/best.pt keep the last good epoch")
+        if RANK != -1:
+            loss = loss * WORLD_SIZE  # DDP averages gradients over ranks
+    loop.scaler.scale(loss).backward()
+
+    if ni - loop.last_opt_step >= loop.accumulate:
+        loop.scaler.unscale_(loop.optimizer)
+        nn.utils.clip_grad_norm_(loop.model.parameters(), max_norm=10.0)
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        loop.optimizer.zero_grad()
+        if loop.ema is not None:
+            loop.ema.update(loop.model)
+        loop.last_opt_step = ni
+    return loss_items
+
+
+def train_one_epoch(loop, epoch, train_loader, dataset, hyp, opt, device, callbacks):
+    """One pass over the training data -> mean (box, cls, dfl) loss, or None when a callback stopped training."""
+    epochs, main_rank = opt.epochs, RANK in (-1, 0)
+    loop.model.train()
+    if opt.close_mosaic and epoch >= epochs - opt.close_mosaic and dataset.mosaic:
+        LOGGER.info(f"Closing dataloader mosaic for the last {epochs - epoch} epochs")
+        dataset.mosaic = False  # the loader starts fresh workers every epoch, so they see this
     if main_rank:
-        callbacks.run("on_train_start", SimpleNamespace(model=de_parallel(model), optimizer=optimizer, ema=ema,
-                                                        start_epoch=start_epoch, epochs=epochs, dataset=dataset,
-                                                        best_fitness=best_fitness, save_dir=save_dir))
+        callbacks.run("on_train_epoch_start", epoch)
+    mloss = torch.zeros(3, device=device)
+    if RANK != -1:
+        train_loader.sampler.set_epoch(epoch)
+    pbar = enumerate(train_loader)
+    LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "cls_loss", "dfl_loss", "Instances", "Size"))
+    if main_rank:
+        pbar = tqdm(pbar, total=loop.nb, bar_format=TQDM_BAR_FORMAT)
+    loop.optimizer.zero_grad()
+    for i, (imgs, targets, _paths, _) in pbar:
+        ni = i + loop.nb * epoch  # batches since the start of training
+        imgs = imgs.to(device, non_blocking=True).float() / 255
+        if ni <= loop.nw:
+            _warmup(loop, ni, epoch, hyp, opt.batch_size)
+        loss_items = _train_batch(loop, imgs, targets, ni, epoch, i, hyp, device)
+        if main_rank:
+            mloss = (mloss * i + loss_items) / (i + 1)
+            mem = f"{torch.cuda.memory_reserved(device) / 1e9 if device.type == 'cuda' else 0:.3g}G"
+            pbar.set_description(("%11s" * 2 + "%11.4g" * 5) %
+                                 (f"{epoch}/{epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))
+            callbacks.run("on_train_batch_end", epoch, i, loss_items)
+            if callbacks.stop_training:
+                return None
+    return mloss
+
+
+def _step_schedule(loop):
+    """The epoch's learning rates (for results.csv), then the scheduler's step to the next epoch's."""
+    lr = [x["lr"] for x in loop.optimizer.param_groups]
+    with warnings.catch_warnings():  # AMP may skip every step of a short first epoch: that is fine
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        loop.scheduler.step()
+    return lr
+
+
+def save_checkpoints(loop, epoch, best_fitness, fi, opt):
+    """last.pt (+ best.pt when this epoch is the best, + epoch{N}.pt every --save-period) -> last.pt's path."""
+    w = Path(opt.save_dir) / "weights"
+    ckpt = {"epoch": epoch,
+            "best_fitness": best_fitness,
+            "model": deepcopy(de_parallel(loop.model)).half(),
+            "ema": deepcopy(loop.ema.ema).half(),
+            "updates": loop.ema.updates,
+            "optimizer": loop.optimizer.state_dict(),
+            "opt": vars(opt),
+            "git": None,
+            "date": datetime.now().isoformat()}
+    save_atomic(ckpt, w / "last.pt")
+    if best_fitness == fi:
+        save_atomic(ckpt, w / "best.pt")
+    if opt.save_period > 0 and epoch % opt.save_period == 0:
+        save_atomic(ckpt, w / f"epoch{epoch}.pt")
+    return w / "last.pt"
+
+
+def validate_and_save(loop, epoch, mloss, lr, results, best_fitness, stopper, evaluate, hyp, opt, callbacks):
+    """Main rank, end of an epoch: validate the EMA, log results.csv, save checkpoints
+    -> (results, best_fitness, stop). Without validation (--noval) the previous results are kept."""
+    ema = loop.ema
+    ema.update_attr(loop.model, include=["yaml", "nc", "hyp", "names", "stride"])
+    if not all(torch.isfinite(p).all() for p in ema.ema.state_dict().values() if p.is_floating_point()):
+        raise UserError(f"training diverged: the weights are not finite after epoch {epoch} "
+                        f"(lr0={hyp['lr0']}): lower lr0 in --hyp; last.pt/best.pt keep the last good epoch")
+    final_epoch = (epoch + 1 == opt.epochs) or stopper.possible_stop
+    if not opt.noval or final_epoch:
+        results, _maps, _ = evaluate(half=loop.amp, model=ema.ema, plots=False)
+    fi = float(fitness(np.array(results, dtype=float).reshape(1, -1))[0])
+    stop = stopper(epoch=epoch, fitness=fi)
+    best_fitness = max(best_fitness, fi)
+    values = [float(x) for x in (*mloss.tolist(), *results, *lr)]
+    _append_results(Path(opt.save_dir) / "results.csv", epoch, values)
+    callbacks.run("on_fit_epoch_end", epoch, dict(zip(RESULT_KEYS, values)), best_fitness, fi)
+
+    if not opt.nosave or final_epoch:
+        last = save_checkpoints(loop, epoch, best_fitness, fi, opt)
+        callbacks.run("on_model_save", last, epoch, final_epoch, best_fitness, fi)
+    return results, best_fitness, stop
+
+
+def finish_training(loop, start_epoch, epoch, t0, results, evaluate, device, opt, callbacks):
+    """Main rank, after the last epoch (`epoch`): stripped checkpoints, a verbose validation of best.pt,
+    result tables and plots -> the final results (of best.pt when there is one)."""
+    save_dir = Path(opt.save_dir)
+    w = save_dir / "weights"
+    last, best = w / "last.pt", w / "best.pt"
+    plots = not opt.noplots
+    LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    for f in (last, best):
+        if f.exists():
+            strip_optimizer(f, w / f"{f.stem}_striped.pt")
+    if best.exists():
+        LOGGER.info(f"\nValidating {best}...")
+        model_best = attempt_load(best, device)
+        results, _, _ = evaluate(model=model_best.half() if loop.amp else model_best, verbose=True, plots=plots)
+    write_results_tables(save_dir)
+    if plots:
+        plot_results(save_dir / "results.csv")
+    callbacks.run("on_train_end", last, best, epoch, results)
+    LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
+    return results
+
+
+def train(hyp, opt, device, callbacks):
+    """Train with the settings in `opt` (see parse_opt) on `device`; returns the final results tuple
+    (P, R, mAP50, mAP50-95, val box/cls/dfl loss) of best.pt."""
+    save_dir, epochs, batch_size = Path(opt.save_dir), opt.epochs, opt.batch_size
+    main_rank = RANK in (-1, 0)
+    hyp = load_hyp(hyp)
+    opt.hyp = hyp.copy()  # saved in opt.yaml and the checkpoints (before weight decay scaling)
+    data_dict, model, ckpt, gs, imgsz = prepare_run(hyp, opt, device)
+
+    # QAT (issues 4-5): `--qat` hands the loaded FP32 model to qat.pipeline (the code train_qat.py
+    # runs) and returns its results instead of running the FP32 loop below (DDP is set up by main()).
+    if getattr(opt, "qat", False):
+        from qat.pipeline import run_from_train
+        return run_from_train(model, opt=opt, hyp=hyp, data_dict=data_dict, device=device)
+
+    train_loader, dataset, val_loader = build_dataloaders(data_dict, imgsz, batch_size, gs, hyp, opt)
+    loop, best_fitness, start_epoch = make_loop(model, ckpt, hyp, opt, device, nb=len(train_loader))
+    del ckpt, model  # the loop holds the model (DDP-wrapped in DDP); the checkpoint is no longer needed
+    # the same validation each epoch (EMA) and at the end (best.pt), on rank 0's val loader
+    evaluate = partial(validate.run, data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+                       single_cls=opt.single_cls, dataloader=val_loader, save_dir=save_dir,
+                       compute_loss=loop.compute_loss)
+
+    t0 = time.time()
+    results = (0, 0, 0, 0, 0, 0, 0)  # P, R, mAP50, mAP50-95, val box, cls, dfl
+    stopper, stop = EarlyStopping(patience=opt.patience), False
+    if main_rank:
+        callbacks.run("on_train_start", SimpleNamespace(model=de_parallel(loop.model), optimizer=loop.optimizer,
+                                                        ema=loop.ema, start_epoch=start_epoch, epochs=epochs,
+                                                        dataset=dataset, best_fitness=best_fitness,
+                                                        save_dir=save_dir))
     LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\n"
                 f"Using {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
                 f"Logging results to {colorstr('bold', save_dir)}\n"
                 f"Starting training for {epochs} epochs...")
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
-        model.train()
-        if opt.close_mosaic and epoch >= epochs - opt.close_mosaic and dataset.mosaic:
-            LOGGER.info(f"Closing dataloader mosaic for the last {epochs - epoch} epochs")
-            dataset.mosaic = False  # the loader starts fresh workers every epoch, so they see this
+        mloss = train_one_epoch(loop, epoch, train_loader, dataset, hyp, opt, device, callbacks)
+        if mloss is None:  # a callback set stop_training
+            return results
+        lr = _step_schedule(loop)
         if main_rank:
-            callbacks.run("on_train_epoch_start", epoch)
-        mloss = torch.zeros(3, device=device)
-        if RANK != -1:
-            train_loader.sampler.set_epoch(epoch)
-        pbar = enumerate(train_loader)
-        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "cls_loss", "dfl_loss", "Instances", "Size"))
-        if main_rank:
-            pbar = tqdm(pbar, total=nb, bar_format=TQDM_BAR_FORMAT)
-        optimizer.zero_grad()
-        for i, (imgs, targets, _paths, _) in pbar:
-            ni = i + nb * epoch  # batches since the start of training
-            imgs = imgs.to(device, non_blocking=True).float() / 255
-
-            # Warmup: bias lr falls from warmup_bias_lr, other lrs rise from 0, momentum rises
-            if ni <= nw:
-                xi = [0, nw]
-                accumulate = max(1, int(np.interp(ni, xi, [1, nbs / batch_size]).round()))
-                for j, x in enumerate(optimizer.param_groups):
-                    x["lr"] = float(np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0,
-                                                       x["initial_lr"] * lf(epoch)]))
-                    if "momentum" in x:
-                        x["momentum"] = float(np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]]))
-
-            with torch.autocast(device_type=device.type, enabled=amp):
-                pred = model(imgs)
-                loss, loss_items = compute_loss(pred, targets.to(device))  # loss scaled by batch size
-                if not torch.isfinite(loss).all():
-                    raise UserError(f"training diverged: the loss is {loss.item()} at epoch {epoch}, batch {i} "
-                                    f"(lr0={hyp['lr0']}): lower lr0 in --hyp; last.pt/best.pt keep the last good epoch")
-                if RANK != -1:
-                    loss = loss * WORLD_SIZE  # DDP averages gradients over ranks
-            scaler.scale(loss).backward()
-
-            if ni - last_opt_step >= accumulate:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad()
-                if ema is not None:
-                    ema.update(model)
-                last_opt_step = ni
-
-            if main_rank:
-                mloss = (mloss * i + loss_items) / (i + 1)
-                mem = f"{torch.cuda.memory_reserved(device) / 1e9 if cuda else 0:.3g}G"
-                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) %
-                                     (f"{epoch}/{epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))
-                callbacks.run("on_train_batch_end", epoch, i, loss_items)
-                if callbacks.stop_training:
-                    return results
-
-        lr = [x["lr"] for x in optimizer.param_groups]
-        with warnings.catch_warnings():  # AMP may skip every step of a short first epoch: that is fine
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-            scheduler.step()
-
-        if main_rank:
-            ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride"])
-            if not all(torch.isfinite(p).all() for p in ema.ema.state_dict().values() if p.is_floating_point()):
-                raise UserError(f"training diverged: the weights are not finite after epoch {epoch} "
-                                f"(lr0={hyp['lr0']}): lower lr0 in --hyp; last.pt/best.pt keep the last good epoch")
-            final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
-            if not opt.noval or final_epoch:
-                results, _maps, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
-                                                 half=amp, model=ema.ema, single_cls=opt.single_cls,
-                                                 dataloader=val_loader, save_dir=save_dir, plots=False,
-                                                 compute_loss=compute_loss)
-            fi = float(fitness(np.array(results, dtype=float).reshape(1, -1))[0])
-            stop = stopper(epoch=epoch, fitness=fi)
-            best_fitness = max(best_fitness, fi)
-            values = [float(x) for x in (*mloss.tolist(), *results, *lr)]
-            _append_results(save_dir / "results.csv", epoch, values)
-            callbacks.run("on_fit_epoch_end", epoch, dict(zip(RESULT_KEYS, values)), best_fitness, fi)
-
-            if not opt.nosave or final_epoch:
-                ckpt = {"epoch": epoch,
-                        "best_fitness": best_fitness,
-                        "model": deepcopy(de_parallel(model)).half(),
-                        "ema": deepcopy(ema.ema).half(),
-                        "updates": ema.updates,
-                        "optimizer": optimizer.state_dict(),
-                        "opt": vars(opt),
-                        "git": None,
-                        "date": datetime.now().isoformat()}
-                save_atomic(ckpt, last)
-                if best_fitness == fi:
-                    save_atomic(ckpt, best)
-                if opt.save_period > 0 and epoch % opt.save_period == 0:
-                    save_atomic(ckpt, w / f"epoch{epoch}.pt")
-                del ckpt
-                callbacks.run("on_model_save", last, epoch, final_epoch, best_fitness, fi)
-
+            results, best_fitness, stop = validate_and_save(loop, epoch, mloss, lr, results, best_fitness, stopper,
+                                                            evaluate, hyp, opt, callbacks)
         if RANK != -1:  # every rank must stop together
             flag = [stop if RANK == 0 else None]
             dist.broadcast_object_list(flag, 0)
@@ -411,23 +506,8 @@ def train(hyp, opt, device, callbacks):
             break
 
     if main_rank:
-        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        for f in (last, best):
-            if f.exists():
-                strip_optimizer(f, w / f"{f.stem}_striped.pt")
-        if best.exists():
-            LOGGER.info(f"\nValidating {best}...")
-            model_best = attempt_load(best, device)
-            results, _, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
-                                         model=model_best.half() if amp else model_best, single_cls=opt.single_cls,
-                                         dataloader=val_loader, save_dir=save_dir, verbose=True, plots=plots,
-                                         compute_loss=compute_loss)
-        write_results_tables(save_dir)
-        if plots:
-            plot_results(save_dir / "results.csv")
-        callbacks.run("on_train_end", last, best, epoch, results)
-        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
-    if cuda:
+        results = finish_training(loop, start_epoch, epoch, t0, results, evaluate, device, opt, callbacks)
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     return results
 

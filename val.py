@@ -8,6 +8,8 @@ in-process by training and QAT with an in-memory `model` and `dataloader`.
 """
 import json
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,174 @@ def _names_list(names, nc):
     return names if len(names) >= nc else names + [str(i) for i in range(len(names), nc)]
 
 
+@dataclass
+class _Tally:
+    """What the batch loop gathers: per-image match statistics (correct, conf, pred class, label class),
+    COCO-json predictions and ground truth, counters, timings (pre-process, inference, NMS) and losses."""
+    loss: torch.Tensor
+    stats: list = field(default_factory=list)
+    jdict: list = field(default_factory=list)
+    gt_images: list = field(default_factory=list)
+    gt_annotations: list = field(default_factory=list)
+    coco_img_ids: list = field(default_factory=list)
+    seen: int = 0
+    n_batches: int = 0
+    dt: list = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+
+def _setup_model(model, weights, device, half, batch_size, trusted):
+    """The model in eval mode on its device, FP16 only where that runs (CUDA) -> (model, device, half).
+    An in-memory model (training, QAT) stays where it is; else `weights` is loaded and fused."""
+    if model is not None:
+        device = _model_device(model)
+        half = half and device.type != "cpu"
+    else:
+        from models.experimental import attempt_load
+        from utils.torch_utils import select_device
+
+        device = select_device(device, batch_size=batch_size)
+        if half and device.type == "cpu":
+            LOGGER.warning("WARNING: --half needs a CUDA device; running FP32 on the CPU")
+            half = False
+        model = attempt_load(weights, device=device, fuse=True, trusted=trusted)
+    model.half() if half else model.float()
+    model.eval()
+    return model, device, half
+
+
+def _class_names(model, data, single_cls, training, weights):
+    """-> (nc, names); a loaded checkpoint must predict the data's classes."""
+    nc = 1 if single_cls else int(data.get("nc") or len(data["names"]))
+    names = _names_list(getattr(model, "names", None) or data.get("names"), nc)
+    if single_cls:
+        names = ["item"]
+    ncm = _model_nc(model)
+    if not training and not single_cls and ncm is not None and ncm != nc:
+        raise UserError(f"{weights} predicts {ncm} classes but the data has {nc}: "
+                        f"pass the --data the weights were trained on (or --single-cls)")
+    return nc, names
+
+
+def _split_dataloader(data, task, model, imgsz, batch_size, workers, single_cls, nc):
+    """A rectangular-batch loader of the `task` split (labels of a class >= nc skipped and counted)."""
+    split = data.get(task)
+    if not split:
+        raise UserError(f"the data yaml has no '{task}' split: add '{task}:' or pass another --task")
+    from utils.dataloaders import create_dataloader
+
+    stride = int(max(getattr(model, "stride", torch.tensor([32]))))
+    imgsz = check_img_size(imgsz, s=stride)
+    return create_dataloader(split, imgsz, batch_size, stride, pad=0.5, rect=True, workers=workers,
+                             prefix=colorstr(f"{task}: "), nc=None if single_cls else nc)[0]
+
+
+def _infer_batch(model, im, targets, device, half, compute_loss, tally, nms):
+    """Pre-process, model, NMS on one batch (timed) -> (images, pixel-space targets, predictions)."""
+    t0 = time.perf_counter()
+    im = im.to(device, non_blocking=True)
+    im = (im.half() if half else im.float()) / 255
+    targets = targets.to(device).float().clone()
+    _, _, height, width = im.shape
+    t1 = time.perf_counter()
+    out = model(im)
+    if compute_loss is not None:
+        if not (isinstance(out, (list, tuple)) and len(out) == 2):
+            raise ValueError("compute_loss needs a model that returns (inference output, train output)")
+        preds, train_out = out
+        tally.loss += compute_loss(train_out, targets)[1]
+    else:
+        preds = out
+    t2 = time.perf_counter()
+    targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)  # to pixels
+    preds = nms(preds)
+    t3 = time.perf_counter()
+    dt = tally.dt
+    dt[0], dt[1], dt[2] = dt[0] + t1 - t0, dt[1] + t2 - t1, dt[2] + t3 - t2
+    return im, targets, preds
+
+
+def _tally_image(tally, si, pred, im, targets, path, shape, iouv, single_cls, confusion_matrix, can_plot, coco):
+    """Match image `si`'s predictions to its labels in native pixels (for AP, the confusion matrix and
+    COCO json). coco: None without --save-json, else (is_coco, class_map)."""
+    height, width = im.shape[2:]
+    labels = targets[targets[:, 0] == si, 1:]
+    if single_cls:
+        labels[:, 0] = 0
+        pred[:, 5] = 0
+    nl, npr = labels.shape[0], pred.shape[0]
+    shape0, ratio_pad = (shape[0], shape[1]) if shape is not None else ((height, width), ((1.0, 1.0), (0.0, 0.0)))
+    tally.seen += 1
+
+    labelsn = torch.zeros((0, 5), device=iouv.device)
+    if nl:
+        tbox = scale_boxes(im[si].shape[1:], xywh2xyxy(labels[:, 1:5]), shape0, ratio_pad)
+        labelsn = torch.cat((labels[:, 0:1], tbox), 1)  # native-space labels
+    predn = scale_boxes(im[si].shape[1:], pred.float().clone(), shape0, ratio_pad)  # native-space preds
+    correct = torch.zeros(npr, len(iouv), dtype=torch.bool, device=iouv.device)
+    if nl and npr:
+        correct = process_batch(predn, labelsn, iouv)
+    if can_plot and nl:
+        confusion_matrix.process_batch(predn if npr else None, labelsn if npr else labels[:, 0])
+    tally.stats.append((correct, pred[:, 4].float(), pred[:, 5].float(), labels[:, 0]))
+
+    if coco is not None:
+        is_coco, class_map = coco
+        if is_coco:
+            if not path.stem.isnumeric():
+                raise UserError(f"{path.name}: COCO val2017 images must be named by their numeric id")
+            image_id = int(path.stem)
+            tally.coco_img_ids.append(image_id)
+        else:
+            image_id = tally.seen - 1
+            tally.gt_images.append((image_id, path.name, int(shape0[0]), int(shape0[1])))
+            tally.gt_annotations += [(image_id, int(c), *b) for c, *b in labelsn.tolist()]
+        save_one_json(predn, tally.jdict, image_id, class_map)
+
+
+def _ap_metrics(stats, nc, can_plot, save_dir, names, ap_method):
+    """Per-image statistics -> (mp, mr, map50, map, p, r, ap50, ap, ap_class, nt): upstream's AP over
+    the classes that have labels (ap_class); nt = labels per class."""
+    mp, mr, map50, map_ = 0.0, 0.0, 0.0, 0.0
+    p = r = ap50 = ap = np.zeros(0)
+    ap_class = np.zeros(0, dtype=int)
+    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
+    if len(stats) and stats[0].any():
+        _tp, _fp, p, r, _f1, ap, ap_class = ap_per_class(*stats, plot=can_plot, save_dir=save_dir, names=names,
+                                                         method=ap_method)
+        ap50, ap = ap[:, 0], ap.mean(1)
+        mp, mr, map50, map_ = p.mean(), r.mean(), ap50.mean(), ap.mean()
+    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
+    return mp, mr, map50, map_, p, r, ap50, ap, ap_class, nt
+
+
+def _log_table(m, names, seen, task, nc, per_class):
+    """The upstream table: 'all', then (per_class and several classes) one row per class with labels."""
+    mp, mr, map50, map_, p, r, ap50, ap, ap_class, nt = m
+    LOGGER.info(TABLE_HEADER)
+    LOGGER.info(ROW_FORMAT % ("all", seen, nt.sum(), mp, mr, map50, map_))
+    if nt.sum() == 0:
+        LOGGER.warning(f"WARNING: no labels found in the {task} set, can not compute metrics without labels")
+    if per_class and nc > 1:
+        for i, c in enumerate(ap_class):
+            LOGGER.info(ROW_FORMAT % (names[c], seen, nt[c], p[i], r[i], ap50[i], ap[i]))
+
+
+def _coco_eval(tally, weights, save_dir, task, names, is_coco, anno_json):
+    """Write the predictions (and, for non-COCO data, ground truth from the labels) as COCO json and run
+    COCOeval -> (coco_map, coco_map50)."""
+    w = Path(weights).stem if isinstance(weights, (str, Path)) else "model"
+    pred_json = save_dir / f"{w}_predictions.json"
+    pred_json.write_text(json.dumps(tally.jdict))
+    if not is_coco:
+        anno_json = save_dir / f"{task}_ground_truth_coco.json"
+        anno_json.write_text(json.dumps(coco_gt_from_labels(tally.gt_images, tally.gt_annotations, names)))
+    LOGGER.info(f"\nEvaluating pycocotools mAP against {anno_json}, predictions saved to {pred_json}")
+    if tally.jdict:
+        return coco_evaluate(anno_json, pred_json, tally.coco_img_ids if is_coco else None)
+    LOGGER.warning("WARNING: no detections, pycocotools mAP is 0")
+    return 0.0, 0.0
+
+
 @torch.no_grad()
 def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thres=0.7, max_det=300, task="val",
         device="", workers=8, single_cls=False, save_json=False, project=ROOT / "runs/val", name="exp",
@@ -103,42 +273,12 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
         raise UserError(f"--task {task} is not one of train, val, test")
     if isinstance(data, (str, Path)):
         data = check_dataset(data, required=() if dataloader is not None else (task,))
-    if training:
-        device = _model_device(model)
-        half = half and device.type != "cpu"
-        if save_dir == Path("") and save_json:
-            save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
-    else:
-        from models.experimental import attempt_load
-        from utils.torch_utils import select_device
-
-        device = select_device(device, batch_size=batch_size)
-        if half and device.type == "cpu":
-            LOGGER.warning("WARNING: --half needs a CUDA device; running FP32 on the CPU")
-            half = False
-        model = attempt_load(weights, device=device, fuse=True, trusted=trusted)
-    model.half() if half else model.float()
-    model.eval()
-
-    nc = 1 if single_cls else int(data.get("nc") or len(data["names"]))
-    names = _names_list(getattr(model, "names", None) or data.get("names"), nc)
-    if single_cls:
-        names = ["item"]
-    ncm = _model_nc(model)
-    if not training and not single_cls and ncm is not None and ncm != nc:
-        raise UserError(f"{weights} predicts {ncm} classes but the data has {nc}: "
-                        f"pass the --data the weights were trained on (or --single-cls)")
-
+    if training and save_dir == Path("") and save_json:
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
+    model, device, half = _setup_model(model, weights, device, half, batch_size, trusted)
+    nc, names = _class_names(model, data, single_cls, training, weights)
     if dataloader is None:
-        split = data.get(task)
-        if not split:
-            raise UserError(f"the data yaml has no '{task}' split: add '{task}:' or pass another --task")
-        from utils.dataloaders import create_dataloader
-
-        stride = int(max(getattr(model, "stride", torch.tensor([32]))))
-        imgsz = check_img_size(imgsz, s=stride)
-        dataloader = create_dataloader(split, imgsz, batch_size, stride, pad=0.5, rect=True, workers=workers,
-                                       prefix=colorstr(f"{task}: "), nc=None if single_cls else nc)[0]
+        dataloader = _split_dataloader(data, task, model, imgsz, batch_size, workers, single_cls, nc)
     if not training:  # only once the inputs are known to be good: a failed run leaves no empty folder
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
 
@@ -146,114 +286,31 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     split = data.get(task) if isinstance(data.get(task), str) else ""
     anno_json = Path(data.get("path") or "") / "annotations" / f"instances_{Path(split).stem}.json"
     is_coco = save_json and Path(split).stem.endswith("val2017") and nc == 80 and anno_json.is_file()
-    class_map = coco80_to_coco91_class() if is_coco else list(range(nc))
+    coco = (is_coco, coco80_to_coco91_class() if is_coco else list(range(nc))) if save_json else None
     can_plot = plots and save_dir != Path("")
     confusion_matrix = ConfusionMatrix(nc=nc)
 
     iouv = torch.linspace(0.5, 0.95, 10, device=device)
-    seen, n_batches = 0, 0
-    dt = [0.0, 0.0, 0.0]
-    loss = torch.zeros(3, device=device)
-    stats, jdict, gt_images, gt_annotations, coco_img_ids = [], [], [], [], []
+    tally = _Tally(loss=torch.zeros(3, device=device))
+    nms = partial(non_max_suppression, conf_thres=conf_thres, iou_thres=iou_thres, multi_label=True,
+                  agnostic=single_cls, max_det=max_det)
     for im, targets, paths, shapes in tqdm(dataloader, desc=TABLE_HEADER, bar_format="{l_bar}{bar:10}{r_bar}"):
-        n_batches += 1
-        t0 = time.perf_counter()
-        im = im.to(device, non_blocking=True)
-        im = (im.half() if half else im.float()) / 255
-        targets = targets.to(device).float().clone()
-        nb, _, height, width = im.shape
-        t1 = time.perf_counter()
-        out = model(im)
-        if compute_loss is not None:
-            if not (isinstance(out, (list, tuple)) and len(out) == 2):
-                raise ValueError("compute_loss needs a model that returns (inference output, train output)")
-            preds, train_out = out
-            loss += compute_loss(train_out, targets)[1]
-        else:
-            preds = out
-        t2 = time.perf_counter()
-        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)  # to pixels
-        preds = non_max_suppression(preds, conf_thres, iou_thres, multi_label=True, agnostic=single_cls,
-                                    max_det=max_det)
-        t3 = time.perf_counter()
-        dt[0], dt[1], dt[2] = dt[0] + t1 - t0, dt[1] + t2 - t1, dt[2] + t3 - t2
-
+        tally.n_batches += 1
+        im, targets, preds = _infer_batch(model, im, targets, device, half, compute_loss, tally, nms)
         for si, pred in enumerate(preds):
-            labels = targets[targets[:, 0] == si, 1:]
-            if single_cls:
-                labels[:, 0] = 0
-                pred[:, 5] = 0
-            nl, npr = labels.shape[0], pred.shape[0]
-            path = Path(paths[si])
-            shape0, ratio_pad = (shapes[si][0], shapes[si][1]) if shapes is not None and shapes[si] is not None \
-                else ((height, width), ((1.0, 1.0), (0.0, 0.0)))
-            seen += 1
+            _tally_image(tally, si, pred, im, targets, Path(paths[si]), shapes[si] if shapes is not None else None,
+                         iouv, single_cls, confusion_matrix, can_plot, coco)
 
-            labelsn = torch.zeros((0, 5), device=device)
-            if nl:
-                tbox = scale_boxes(im[si].shape[1:], xywh2xyxy(labels[:, 1:5]), shape0, ratio_pad)
-                labelsn = torch.cat((labels[:, 0:1], tbox), 1)  # native-space labels
-            predn = scale_boxes(im[si].shape[1:], pred.float().clone(), shape0, ratio_pad)  # native-space preds
-            correct = torch.zeros(npr, len(iouv), dtype=torch.bool, device=device)
-            if nl and npr:
-                correct = process_batch(predn, labelsn, iouv)
-            if can_plot and nl:
-                confusion_matrix.process_batch(predn if npr else None, labelsn if npr else labels[:, 0])
-            stats.append((correct, pred[:, 4].float(), pred[:, 5].float(), labels[:, 0]))
-
-            if save_json:
-                if is_coco:
-                    if not path.stem.isnumeric():
-                        raise UserError(f"{path.name}: COCO val2017 images must be named by their numeric id")
-                    image_id = int(path.stem)
-                    coco_img_ids.append(image_id)
-                else:
-                    image_id = seen - 1
-                    gt_images.append((image_id, path.name, int(shape0[0]), int(shape0[1])))
-                    gt_annotations += [(image_id, int(c), *b) for c, *b in labelsn.tolist()]
-                save_one_json(predn, jdict, image_id, class_map)
-
-    # Metrics
-    tp, fp, mp, mr, map50, map_ = 0, 0, 0.0, 0.0, 0.0, 0.0
-    p = r = ap50 = ap = np.zeros(0)
-    ap_class = np.zeros(0, dtype=int)
-    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
-    if len(stats) and stats[0].any():
-        tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=can_plot, save_dir=save_dir, names=names,
-                                                      method=ap_method)
-        ap50, ap = ap[:, 0], ap.mean(1)
-        mp, mr, map50, map_ = p.mean(), r.mean(), ap50.mean(), ap.mean()
-    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
-
-    LOGGER.info(TABLE_HEADER)
-    LOGGER.info(ROW_FORMAT % ("all", seen, nt.sum(), mp, mr, map50, map_))
-    if nt.sum() == 0:
-        LOGGER.warning(f"WARNING: no labels found in the {task} set, can not compute metrics without labels")
-    if (verbose or (nc < 50 and not training)) and nc > 1 and len(stats):
-        for i, c in enumerate(ap_class):
-            LOGGER.info(ROW_FORMAT % (names[c], seen, nt[c], p[i], r[i], ap50[i], ap[i]))
-
-    times = tuple(x / max(seen, 1) * 1e3 for x in dt)
+    m = _ap_metrics(tally.stats, nc, can_plot, save_dir, names, ap_method)
+    mp, mr, map50, map_, _, _, _, ap, ap_class, _ = m
+    _log_table(m, names, tally.seen, task, nc, per_class=(verbose or (nc < 50 and not training)) and len(tally.stats))
+    times = tuple(x / max(tally.seen, 1) * 1e3 for x in tally.dt)
     if not training:
         LOGGER.info("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image" % times)
     if can_plot:
         confusion_matrix.plot(save_dir=save_dir, names=names)
-
-    # pycocotools
-    coco_map50 = coco_map = None
-    if save_json:
-        w = Path(weights).stem if isinstance(weights, (str, Path)) else "model"
-        pred_json = save_dir / f"{w}_predictions.json"
-        pred_json.write_text(json.dumps(jdict))
-        if not is_coco:
-            anno_json = save_dir / f"{task}_ground_truth_coco.json"
-            anno_json.write_text(json.dumps(coco_gt_from_labels(gt_images, gt_annotations, names)))
-        LOGGER.info(f"\nEvaluating pycocotools mAP against {anno_json}, predictions saved to {pred_json}")
-        if jdict:
-            coco_map, coco_map50 = coco_evaluate(anno_json, pred_json, coco_img_ids if is_coco else None)
-        else:
-            LOGGER.warning("WARNING: no detections, pycocotools mAP is 0")
-            coco_map, coco_map50 = 0.0, 0.0
+    coco_map, coco_map50 = _coco_eval(tally, weights, save_dir, task, names, is_coco, anno_json) if save_json \
+        else (None, None)
 
     model.float()
     if not training:
@@ -261,7 +318,7 @@ def run(data, weights=None, batch_size=32, imgsz=640, conf_thres=0.001, iou_thre
     maps = np.zeros(nc) + map_
     for i, c in enumerate(ap_class):
         maps[c] = ap[i]
-    losses = (loss.cpu() / max(n_batches, 1)).tolist()
+    losses = (tally.loss.cpu() / max(tally.n_batches, 1)).tolist()
     if return_dict:
         return {"mp": float(mp), "mr": float(mr), "map50": float(map50), "map": float(map_), "maps": maps,
                 "coco_map50": coco_map50, "coco_map": coco_map, "losses": losses, "times": times,

@@ -145,34 +145,18 @@ def _refuse_broken(path):
                         f"validate it; export the checkpoint again with export_qat.py")
 
 
-def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None, batch_size=1, backend="auto",
-        device="cpu", workers=4, threads=None, vnni="auto", act_form="auto", reference=True, conf_thres=0.001, iou_thres=0.7,
-        task="val", tolerance=0.002, project=ROOT / "runs/val_trt", name="exp", exist_ok=False, trusted=False):
-    """Validate every model given; returns {'rows': [...], 'reference': name or None, 'deployed_delta':
-    float or None (of the last deployed file), ...}.
-
-    weights: model(s) as upstream's val.py takes them (.pt | .onnx | .engine); onnx / engine: aliases;
-    checkpoint: PyTorch checkpoint(s) for the PyTorch rows (a .pt in `weights` beside a deployed file is
-    taken as that too). A float ONNX (export.py) gives the FP32 baseline rows, a Q/DQ one the INT8 rows."""
-    import val as validate
-    from qat.deploy import load_backend, require_qdq, resolve_backend
+def _deployables(files, checkpoints, trusted):
+    """[(path, metadata, quantized)] for the deployable files (ONNX, engine, OpenVINO IR folder); a QAT
+    model without Q/DQ nodes or a Q/DQ file that breaks a lint rule is refused before anything runs it."""
+    from qat.deploy import require_qdq
     from qat.deploy.openvino import ir_metadata
     from qat.graph import metadata, qdq_counts
-    from utils.dataloaders import create_dataloader
-    from utils.torch_utils import select_device
 
-    checkpoints, files = _models(weights, onnx, engine, checkpoint)
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1")
-    irs = {f: _ir(f) for f in files if f.suffix.lower() not in (".onnx", ".engine")}
-    backend = resolve_backend("tensorrt" if backend == "auto" and any(f.suffix == ".engine" for f in files)
-                              else "openvino" if backend == "auto" and irs else backend)
-    if irs and backend != "openvino":
-        raise UserError(f"{next(iter(irs))} is an OpenVINO IR: use --backend openvino (or pass the ONNX)")
-    deployables = []  # (path, metadata, quantized)
+    deployables = []
     for f in files:
-        if f in irs:
-            meta = ir_metadata(irs[f])
+        ir = _ir(f) if f.suffix.lower() not in (".onnx", ".engine") else None
+        if ir is not None:  # exported by export_qat.py (linted then); its yaml says what it holds
+            meta = ir_metadata(ir)
             deployables.append((f, meta, str(meta.get("qat", "1")) == "1"))
             continue
         meta = metadata(f) if f.suffix == ".onnx" else {}
@@ -184,19 +168,101 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
         if f.suffix == ".onnx" and quantized:
             _refuse_broken(f)
         deployables.append((f, meta, quantized))
-    if imgsz is None:
-        imgsz = int(max(next((m.get("imgsz") for _, m, _ in deployables if m.get("imgsz")), None) or [640]))
-    imgsz = check_img_size(imgsz, s=32)
-    data = _check_dataset(data, task)
+    return deployables
+
+
+def _check_classes(deployables, data):
+    """Each ONNX must predict the data yaml's number of classes."""
     for f, _, _ in deployables:
         onnx_nc = _onnx_nc(f) if f.suffix == ".onnx" else None
         if onnx_nc is not None and onnx_nc != int(data["nc"]):
             raise UserError(f"{f.name} predicts {onnx_nc} classes but the data yaml has {data['nc']}: "
                             f"pass the --data the model was trained on")
+
+
+def _square_dataloader(data, task, imgsz, batch_size, workers):
+    """One loader for every row: square --imgsz letterbox (what a static-shape deployed model takes)."""
+    from utils.dataloaders import create_dataloader
+
     # our scan skips (and counts) labels of a class >= nc; an upstream clone's create_dataloader has no nc
     scan_nc = {"nc": int(data["nc"])} if "nc" in inspect.signature(create_dataloader).parameters else {}
-    dataloader = create_dataloader(data[task], imgsz, batch_size, 32, pad=0.0, rect=False, workers=workers,
-                                   prefix=colorstr(f"{task}: "), **scan_nc)[0]
+    return create_dataloader(data[task], imgsz, batch_size, 32, pad=0.0, rect=False, workers=workers,
+                             prefix=colorstr(f"{task}: "), **scan_nc)[0]
+
+
+def _deployed_rows(rows, extra, evaluate, path, quantized, backend, n_files, batch_size, threads, vnni, act_form,
+                   reference, tolerance):
+    """Append the rows of one deployable file (ONNX Runtime reference for a Q/DQ ONNX, then the deployed
+    backend) to `rows`, its notes to `extra` -> (deployed model, reference row name, delta, engine report).
+    The reference is ONNX Runtime, else the fake-quant row (INT8) or an FP32 PyTorch row (float ONNX)."""
+    from qat.deploy import load_backend
+
+    suffix = f" {path.name}" if n_files > 1 else ""
+    deployed = load_backend(backend, path, threads=threads, vnni=_vnni(vnni), act_form=act_form)
+    static_batch = deployed.batch
+    if static_batch and batch_size > static_batch:
+        LOGGER.info(f"{path.name} has a static batch of {static_batch}: running in chunks of {static_batch}")
+    ref_name = None
+    if reference and quantized and path.suffix == ".onnx" and backend != "onnxruntime":  # not an IR folder
+        ort = load_backend("onnxruntime", path, threads=threads)
+        rows.append(evaluate("ONNX Runtime (reference)" + suffix, ort.describe(), ort, ort.latency_ms))
+        ref_name = rows[-1]["model"]
+    label = f"deployed ({backend})" if quantized else f"FP32 baseline ({backend})"
+    rows.append(evaluate(label + suffix, deployed.describe(), deployed, deployed.latency_ms))
+    if ref_name is None:
+        ref_name = next((r["model"] for r in rows if "fake-quant" in r["model"]), None) if quantized else \
+            next((r["model"] for r in rows if "FP32" in r["model"] and r is not rows[-1]), None)
+    ref = next((r["mAP50-95"] for r in rows if r["model"] == ref_name), None)
+    if backend == "openvino" and quantized:
+        c = deployed.conv_precisions()
+        extra.append(f"OpenVINO runtime model of {path.name}: {c['int8']}/{c['total']} convolutions in INT8")
+        if getattr(deployed, "choice", None) is not None:
+            extra.append(f"OpenVINO INT8 form: {deployed.choice.describe()}")
+    engine_report = getattr(deployed, "report", None) if backend == "tensorrt" else None
+    if engine_report:  # per-layer precisions of the built engine (qat.deploy.engine_report)
+        from qat.deploy.engine_report import format_summary
+
+        extra.append(format_summary(engine_report, f"TensorRT engine of {path.name}"))
+    delta = rows[-1]["mAP50-95"] - ref if ref is not None else None
+    if delta is not None:
+        ok = abs(delta) <= tolerance
+        extra.append(f"{rows[-1]['model']} vs {ref_name}: mAP50-95 {delta:+.4f} ({'within' if ok else 'OUTSIDE'} "
+                     f"the {tolerance} tolerance)")
+        if not ok:
+            LOGGER.warning(f"WARNING: {rows[-1]['model']}'s mAP50-95 differs from {ref_name} by {delta:+.4f}: "
+                           f"run benchmarks/bench_agreement.py to tell an engine that computes something else "
+                           f"from the val set's noise floor (too few images for this tolerance)")
+    return deployed, ref_name, delta, engine_report
+
+
+def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None, batch_size=1, backend="auto",
+        device="cpu", workers=4, threads=None, vnni="auto", act_form="auto", reference=True, conf_thres=0.001, iou_thres=0.7,
+        task="val", tolerance=0.002, project=ROOT / "runs/val_trt", name="exp", exist_ok=False, trusted=False):
+    """Validate every model given; returns {'rows': [...], 'reference': name or None, 'deployed_delta':
+    float or None (of the last deployed file), ...}.
+
+    weights: model(s) as upstream's val.py takes them (.pt | .onnx | .engine); onnx / engine: aliases;
+    checkpoint: PyTorch checkpoint(s) for the PyTorch rows (a .pt in `weights` beside a deployed file is
+    taken as that too). A float ONNX (export.py) gives the FP32 baseline rows, a Q/DQ one the INT8 rows."""
+    import val as validate
+    from qat.deploy import resolve_backend
+    from utils.torch_utils import select_device
+
+    checkpoints, files = _models(weights, onnx, engine, checkpoint)
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    irs = [f for f in files if f.suffix.lower() not in (".onnx", ".engine")]  # OpenVINO IR folders
+    backend = resolve_backend("tensorrt" if backend == "auto" and any(f.suffix == ".engine" for f in files)
+                              else "openvino" if backend == "auto" and irs else backend)
+    if irs and backend != "openvino":
+        raise UserError(f"{irs[0]} is an OpenVINO IR: use --backend openvino (or pass the ONNX)")
+    deployables = _deployables(files, checkpoints, trusted)
+    if imgsz is None:
+        imgsz = int(max(next((m.get("imgsz") for _, m, _ in deployables if m.get("imgsz")), None) or [640]))
+    imgsz = check_img_size(imgsz, s=32)
+    data = _check_dataset(data, task)
+    _check_classes(deployables, data)
+    dataloader = _square_dataloader(data, task, imgsz, batch_size, workers)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)  # inputs are good
     dev = select_device(device, batch_size=batch_size)
 
@@ -211,49 +277,10 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
         for label, model in _pytorch_rows(c, dev, trusted):
             rows.append(evaluate(label + (f" {c.name}" if len(checkpoints) > 1 else ""), f"torch {dev.type}", model))
     ref_name, delta, extra, deployed, engine_report = None, None, [], None, None
-    for path, meta, quantized in deployables:
-        deployed = load_backend(backend, path, threads=threads, vnni=_vnni(vnni), act_form=act_form)
-        static_batch = deployed.batch
-        if static_batch and batch_size > static_batch:
-            LOGGER.info(f"{path.name} has a static batch of {static_batch}: running in chunks of {static_batch}")
-        ref_name = None
-        if reference and quantized and path.suffix == ".onnx" and backend != "onnxruntime":  # not an IR
-            ort = load_backend("onnxruntime", path, threads=threads)
-            rows.append(evaluate("ONNX Runtime (reference)" + (f" {path.name}" if len(deployables) > 1 else ""),
-                                 ort.describe(), ort, ort.latency_ms))
-            ref_name = rows[-1]["model"]
-        label = f"deployed ({backend})" if quantized else f"FP32 baseline ({backend})"
-        rows.append(evaluate(label + (f" {path.name}" if len(deployables) > 1 else ""), deployed.describe(), deployed,
-                             deployed.latency_ms))
-        if ref_name is None:
-            ref_name = next((r["model"] for r in rows if "fake-quant" in r["model"]), None) if quantized else \
-                next((r["model"] for r in rows if "FP32" in r["model"] and r is not rows[-1]), None)
-        ref = next((r["mAP50-95"] for r in rows if r["model"] == ref_name), None)
-        if backend == "openvino" and quantized:
-            c = deployed.conv_precisions()
-            extra.append(f"OpenVINO runtime model of {path.name}: {c['int8']}/{c['total']} convolutions in INT8")
-            if getattr(deployed, "choice", None) is not None:
-                extra.append(f"OpenVINO INT8 form: {deployed.choice.describe()}")
-        engine_report = getattr(deployed, "report", None) if backend == "tensorrt" else None
-        if engine_report:  # per-layer precisions of the built engine (qat.deploy.engine_report)
-            from qat.deploy.engine_report import format_summary
-
-            extra.append(format_summary(engine_report, f"TensorRT engine of {path.name}"))
-        delta = rows[-1]["mAP50-95"] - ref if ref is not None else None
-        if delta is not None:
-            ok = abs(delta) <= tolerance
-            extra.append(f"{rows[-1]['model']} vs {ref_name}: mAP50-95 {delta:+.4f} ({'within' if ok else 'OUTSIDE'} "
-                         f"the {tolerance} tolerance)")
-            if not ok:
-                LOGGER.warning(f"WARNING: {rows[-1]['model']}'s mAP50-95 differs from {ref_name} by {delta:+.4f}: "
-                               f"run benchmarks/bench_agreement.py to tell an engine that computes something else "
-                               f"from the val set's noise floor (too few images for this tolerance)")
-    ref = next((r["mAP50-95"] for r in rows if r["model"] == ref_name), None)
-    table = format_table(rows, ref)
-    models = ", ".join(f.name for f in checkpoints + files)
-    text = "\n".join([f"# val_trt: {models} on {Path(str(data.get(task)))}", "", table, ""] + extra) + "\n"
-    with atomic_output(save_dir / "results.md") as tmp:
-        tmp.write_text(text)
+    for path, _meta, quantized in deployables:
+        deployed, ref_name, delta, engine_report = _deployed_rows(
+            rows, extra, evaluate, path, quantized, backend, len(deployables), batch_size, threads, vnni, act_form,
+            reference, tolerance)
     result = {"rows": rows, "reference": ref_name, "deployed_delta": delta, "backend": backend if files else None,
               "model": str(files[-1] if files else checkpoints[-1]), "models": [str(f) for f in checkpoints + files],
               "imgsz": imgsz, "batch_size": batch_size}
@@ -262,10 +289,21 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
         result["act_form"] = deployed.choice.to_dict() if getattr(deployed, "choice", None) else None
     if engine_report:
         result["engine_report"] = {k: v for k, v in engine_report.items() if k != "per_layer"}
+    _write_results(save_dir, rows, ref_name, extra, result, checkpoints + files, data.get(task))
+    return result
+
+
+def _write_results(save_dir, rows, ref_name, extra, result, models, split):
+    """results.md (the table against the reference row, then the notes) and results.json, atomically."""
+    ref = next((r["mAP50-95"] for r in rows if r["model"] == ref_name), None)
+    table = format_table(rows, ref)
+    names = ", ".join(f.name for f in models)
+    text = "\n".join([f"# val_trt: {names} on {Path(str(split))}", "", table, ""] + extra) + "\n"
+    with atomic_output(save_dir / "results.md") as tmp:
+        tmp.write_text(text)
     with atomic_output(save_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1, default=str))
     LOGGER.info("\n" + table + "\n" + "\n".join(extra) + f"\nResults saved to {colorstr('bold', save_dir)}")
-    return result
 
 
 def parse_opt(argv=None):
@@ -289,11 +327,7 @@ def parse_opt(argv=None):
     parser.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
                         help="openvino: activation form (auto = chosen for this CPU; measure = time both)")
     parser.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
-                        help="OpenVINO: does the CPU have VNNI/AMX (no -> 7-bit weights); auto reads /proc/cpuinfo "
-                             "and ONEDNN_MAX_CPU_ISA")
-    parser.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
-                        help="OpenVINO: activation Q/DQ form (auto = by this CPU's ISA, else timed; measure = time "
-                             "both)")
+                        help="OpenVINO: does the CPU have VNNI/AMX (no -> 7-bit weights); auto reads /proc/cpuinfo")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the ONNX Runtime reference row (slow on large sets)")
     parser.add_argument("--conf-thres", type=probability, default=0.001, help="confidence threshold")
