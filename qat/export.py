@@ -19,6 +19,9 @@ end2end: the model's output goes through NMS inside the graph.
   (K, 7) = [image index, x1, y1, x2, y2, confidence, class], the same rows as
   utils.general.non_max_suppression (best class per box, class-aware NMS); at most max_det boxes
   per class and image.
+
+Over 300 lines: the plain and the end2end export (two NMS flavours as autograd functions for
+the ONNX symbolics) share the model preparation and the metadata writer.
 """
 import json
 import re

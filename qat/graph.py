@@ -23,6 +23,9 @@ The pass then
 
 The OpenVINO-only rewrites of a copy of the graph (uint8 activations, 7-bit weights) live in
 `qat.deploy.openvino`.
+
+Over 300 lines: the analysis (scale classes) and the post-process built on it use the same pair
+and class objects; qat.lint imports the analysis.
 """
 import json
 from collections import defaultdict

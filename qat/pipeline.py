@@ -16,6 +16,9 @@ Run directory runs/qat/<name>/: opt.yaml, calibration.md/json, weights/qat_best.
 and weights/qat_last.pt (every epoch and every --save-period iterations; --resume continues from
 it; Ctrl-C writes it), report.md/json: FP32 vs PTQ vs QAT with deltas. `--epochs 0` stops after
 calibration and saves the post-training-quantized model as qat_best.pt.
+
+Over 300 lines: the run's steps (PTQ, auto calibration choice, QAT, resume, auto-skip,
+sensitivity, train.py's hook) each short; options, data and reports live in their own modules.
 """
 
 import argparse

@@ -10,6 +10,9 @@
 Names and shapes come from the ONNX itself (`onnx_io`) and its metadata (imgsz, strides, names,
 end2end), so a static and a dynamic export each get files that match them.
 `DEPLOY_WRITERS` maps the `export_qat.py --include` names to the writers.
+
+Over 300 lines: three file formats (trtexec, DeepStream, Triton), each a short writer over the
+same ONNX input/output reading.
 """
 import shutil
 from pathlib import Path
