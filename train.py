@@ -18,7 +18,6 @@ On a busy shared CPU, OMP_NUM_THREADS=1 can be much faster than two spinning thr
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ from utils.callbacks import Callbacks  # noqa: E402
 from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.general import (LOGGER, UserError, check_dataset, check_img_size, colorstr, increment_path,  # noqa: E402
-                           print_args, run_cli, yaml_load, yaml_load_mapping, yaml_save)
+                           print_args, run_cli, yaml_load, yaml_save)
 from utils.loss_tal import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_results, read_results_csv  # noqa: E402
@@ -73,21 +72,11 @@ NBS = 64  # nominal batch size: gradients are accumulated up to it, weight decay
 # --- pieces ------------------------------------------------------------------------------------------
 
 def load_hyp(hyp):
-    """Hyperparameters from a yaml path or a dict -> dict; missing or non-numeric keys are UserErrors."""
-    if isinstance(hyp, (str, Path)):
-        if not Path(hyp).is_file():
-            raise UserError(f"--hyp {hyp} not found: pass a hyperparameter yaml, e.g. data/hyps/hyp.scratch-high.yaml")
-        hyp = yaml_load_mapping(hyp, "a hyperparameter yaml holds name: value pairs", flag="--hyp ")
-    if not isinstance(hyp, dict):
-        raise UserError("--hyp must be a yaml file holding a mapping of hyperparameters")
-    hyp = dict(hyp)
-    missing = [k for k in HYP_KEYS if k not in hyp]
-    if missing:
-        raise UserError(f"hyperparameters miss {', '.join(missing)}: start from data/hyps/hyp.scratch-high.yaml")
-    bad = [k for k in HYP_KEYS if isinstance(hyp[k], bool) or not isinstance(hyp[k], (int, float))
-           or not math.isfinite(hyp[k])]
-    if bad:
-        raise UserError(f"hyperparameter {bad[0]}={hyp[bad[0]]!r} is not a finite number")
+    """Hyperparameters from a yaml path or a dict -> dict: qat.options.load_hyp's reading and checks
+    (every training key present, every value a finite number), plus training's own ranges."""
+    from qat.options import load_hyp as read_hyp
+
+    hyp = read_hyp(hyp, required=HYP_KEYS)
     if not hyp["lr0"] > 0 or hyp["lrf"] < 0:
         raise UserError(f"hyperparameters lr0={hyp['lr0']} must be > 0 and lrf={hyp['lrf']} >= 0")
     nbs = hyp.get("nbs", NBS)

@@ -175,7 +175,7 @@ def test_killed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 def test_bad_options_are_user_errors(tmp_path, data):
     with pytest.raises(UserError, match="--cfg"):
         train.run(**_common(tmp_path, data, cfg="", epochs=1))
-    with pytest.raises(UserError, match="hyperparameters miss lr0"):
+    with pytest.raises(UserError, match="misses lr0"):
         train.run(**_common(tmp_path, data, epochs=1, hyp={k: v for k, v in _hyp().items() if k != "lr0"}))
     with pytest.raises(UserError, match="not a multiple"):
         train.run(**_common(tmp_path, data, epochs=1, imgsz=70))
