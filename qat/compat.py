@@ -69,6 +69,33 @@ except ImportError:
     from utils.general import init_seeds  # noqa: F401
 
 try:
+    from utils.dataloaders import list_image_files
+except ImportError:  # upstream YOLOv9 clone: the sources its LoadImagesAndLabels reads (folder, .txt list)
+    def list_image_files(path, prefix=""):
+        """Image paths (sorted, absolute) from a folder, a .txt list of paths, or a list of those."""
+        from utils.dataloaders import IMG_FORMATS
+
+        def is_image(f):
+            return Path(f).suffix[1:].lower() in IMG_FORMATS
+
+        files = []
+        for src in (path if isinstance(path, (list, tuple)) else [path]):
+            p = Path(src).expanduser()
+            if p.is_dir():
+                files += [str(f.resolve()) for f in p.rglob("*.*")]
+            elif p.is_file() and p.suffix.lower() == ".txt":
+                lines = [x.strip() for x in p.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+                files += [str((p.resolve().parent / x).resolve()) if not Path(x).is_absolute() else x for x in lines]
+            elif p.is_file():
+                files.append(str(p.resolve()))
+            else:
+                raise UserError(f"{prefix}{src} does not exist (expected a folder of images or a .txt list of images)")
+        files = sorted({f for f in files if is_image(f)})
+        if not files:
+            raise UserError(f"{prefix}no images found in {path}")
+        return files
+
+try:
     from models.experimental import attempt_load, load_checkpoint
 except ImportError:  # upstream YOLOv9 clone: its attempt_load unpickles anything (weights_only=False)
     import importlib

@@ -6,7 +6,7 @@ import itertools
 import random
 from pathlib import Path
 
-from qat.compat import UserError, attempt_load, load_checkpoint
+from qat.compat import UserError, attempt_load, list_image_files, load_checkpoint
 from qat.distributed import WORLD_SIZE, barrier, is_main_rank
 from qat.options import DEFAULT_DATA, DEFAULT_WEIGHTS, ROOT
 from utils.general import LOGGER, check_dataset, colorstr
@@ -133,7 +133,6 @@ def selection_split(data, opt, save_dir):
     train set stays whole; otherwise --select-images train images (at most half of them, chosen
     with --seed) are held out: splits/train.txt and splits/select.txt in the run folder (kept on
     --resume so the split never changes within a run)."""
-    from utils.dataloaders import list_image_files
     if opt.select_split:
         select = Path(opt.select_split)
         if not select.exists() and isinstance(data.get(opt.select_split), (str, list)):
