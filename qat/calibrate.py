@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from qat.distributed import is_distributed
-from qat.modules import ACT_BITS, HISTOGRAM_METHODS, QuantConv2d, WeightQuantizer
+from qat.modules import ACT_BITS, HISTOGRAM_METHODS, QuantConv2d, WeightQuantizer, calibrator_of
 from qat.quantize import quantizer_summary, unique_quantizers
 from qat.settings import QuantSettings
 
@@ -55,14 +55,14 @@ def _run(model, batches, device, n, desc, show):
 
 
 def activation_quantizers(model):
-    return [q for _, q, _ in unique_quantizers(model) if not isinstance(q, WeightQuantizer) and not q._disabled]
+    return [q for _, q, _ in unique_quantizers(model) if not isinstance(q, WeightQuantizer) and q.is_enabled]
 
 
 @torch.no_grad()
 def calibrate_weights(model):
     """Per-output-channel amax = max |w| of each quantized convolution's current weight."""
     for m in model.modules():
-        if isinstance(m, QuantConv2d) and not m.weight_quantizer._disabled:
+        if isinstance(m, QuantConv2d) and m.weight_quantizer.is_enabled:
             q = m.weight_quantizer
             q.reset_amax()
             q.disable_quant()
@@ -89,21 +89,29 @@ def _fixed_histogram_edges(model, quantizers, batches, device, n, show):
     for q in quantizers:
         m = maxima[id(q)]
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
-        q._calibrator.set_range(float(m), device)
+        calibrator_of(q).set_range(float(m), device)
 
 
 def _merge_across_ranks(quantizers, histogram, device):
+    """One all_reduce per quantizer on every rank, in the same order, before any amax is loaded.
+
+    Not modelopt's max sync: `mtq.max_calibrate` syncs only modelopt-registered QuantModules (ours are
+    not), and `TensorQuantizer.sync_amax_across_distributed_group` skips a quantizer with no amax on
+    this rank (an empty shard -> ranks issue different all_reduces and hang) and turns a failed
+    all_reduce into a warning (ranks keep different amax). The 'max' statistics themselves are
+    modelopt's MaxCalibrator; the merged max goes back into its `_calib_amax` (private in 0.47, no
+    setter; pinned in tests/qat/test_modelopt_contract.py) so `load_calib_amax()` loads it."""
     for q in quantizers:
-        cal = q._calibrator
+        cal = calibrator_of(q)
         if histogram:
-            dist.all_reduce(cal._calib_hist, op=dist.ReduceOp.SUM)
-            top = cal._calib_max if cal._calib_max is not None else torch.zeros((), device=device)
+            dist.all_reduce(cal.hist, op=dist.ReduceOp.SUM)
+            top = cal.running_max if cal.running_max is not None else torch.zeros((), device=device)
             top = top.to(device)
             dist.all_reduce(top, op=dist.ReduceOp.MAX)
-            cal._calib_max = top
+            cal._calib_max = top  # RangeHistogram's own field (qat.modules)
         else:
-            amax = cal._calib_amax if cal._calib_amax is not None else torch.zeros((), device=device)
-            amax = amax.to(device)
+            amax = cal.compute_amax()
+            amax = (amax if amax is not None else torch.zeros((), device=device)).to(device)
             dist.all_reduce(amax, op=dist.ReduceOp.MAX)
             cal._calib_amax = amax
 
@@ -216,16 +224,16 @@ def amax_entropy(hist, edges, num_bits=ACT_BITS, start_bin=128):
 def histogram_amax(cal, method, percentile=99.99):
     """amax of one RangeHistogram by `method` ('max', 'percentile', 'mse', 'entropy'); never above
     the largest |x| seen (the top bin edge can lie beyond it)."""
-    top = float(cal._calib_max)
-    hist, edges = cal._calib_hist, cal._calib_bin_edges
+    top = float(cal.running_max)
+    hist, edges = cal.hist, cal.bin_edges
     if method == "max":
         return top
     if method == "percentile":
         return min(amax_percentile(hist, edges, percentile), top)
     if method == "mse":
-        return min(amax_mse(hist, edges, cal._num_bits), top)
+        return min(amax_mse(hist, edges, cal.num_bits), top)
     if method == "entropy":
-        return min(amax_entropy(hist, edges, cal._num_bits), top)
+        return min(amax_entropy(hist, edges, cal.num_bits), top)
     raise ValueError(f"unknown calibration rule {method}")
 
 
@@ -245,10 +253,10 @@ def candidate_amaxes(model, candidates=None):
     left in the activation quantizers."""
     candidates = candidates or auto_candidates()
     quantizers = [(name, q) for name, q, _ in unique_quantizers(model)
-                  if not isinstance(q, WeightQuantizer) and not q._disabled]
+                  if not isinstance(q, WeightQuantizer) and q.is_enabled]
     out = {}
     for label, method, pct in candidates:
-        out[label] = {name: histogram_amax(q._calibrator, method, pct) for name, q in quantizers}
+        out[label] = {name: histogram_amax(calibrator_of(q), method, pct) for name, q in quantizers}
     return out
 
 
@@ -262,7 +270,7 @@ def load_amaxes(model, amaxes):
 
 def free_histograms(model):
     for q in activation_quantizers(model):
-        q._calibrator.reset()
+        calibrator_of(q).reset()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,13 +291,13 @@ def calibrate(model, batches, settings=None, device=None, max_batches=None, show
     training = model.training
     model.eval()
     calibrate_weights(model)
-    weights = [q for _, q, _ in unique_quantizers(model) if isinstance(q, WeightQuantizer) and not q._disabled]
+    weights = [q for _, q, _ in unique_quantizers(model) if isinstance(q, WeightQuantizer) and q.is_enabled]
     for q in weights:  # statistics are collected on the FP32 network, as modelopt does
         q.disable_quant()
     quantizers = activation_quantizers(model)
     for q in quantizers:
         q.reset_amax()
-        q._calibrator.reset()
+        calibrator_of(q).reset()
         q.disable_quant()
         q.enable_calib()
     try:
@@ -306,9 +314,9 @@ def calibrate(model, batches, settings=None, device=None, max_batches=None, show
             _merge_across_ranks(quantizers, histogram, device)
         for q in quantizers:
             q.disable_calib()
-            cal = q._calibrator
-            empty = cal._calib_hist is None if histogram else cal._calib_amax is None
-            if empty or (histogram and float(cal._calib_hist.sum()) == 0):
+            cal = calibrator_of(q)
+            empty = cal.hist is None if histogram else cal.compute_amax() is None
+            if empty or (histogram and float(cal.hist.sum()) == 0):
                 warnings.warn("a quantizer saw no data during calibration; it stays disabled")
                 q.disable()
                 continue

@@ -52,7 +52,7 @@ def _quantizers_disabled(module):
     """True when a module's own quantizers (input and weight) are all disabled / absent."""
     qs = [getattr(module, a, None) for a in ("input_quantizer", "weight_quantizer")]
     qs = [q for q in qs if q is not None]
-    return all(getattr(q, "_disabled", False) for q in qs)
+    return all(not q.is_enabled for q in qs)
 
 
 def float_layers(model):

@@ -272,7 +272,7 @@ def integer_weights(model):
     with torch.no_grad():
         for name, m in model.named_modules():
             q = getattr(m, "weight_quantizer", None)
-            if isinstance(m, QuantConv2d) and not q._disabled and q.amax is not None:
+            if isinstance(m, QuantConv2d) and q.is_enabled and q.amax is not None:
                 bound = 2 ** (q.num_bits - 1) - 1
                 amax = q.amax.to(m.weight.dtype).clamp_min(1e-12)
                 out[name] = torch.round(m.weight.clamp(-amax, amax) / amax * bound).to(torch.int8).cpu()

@@ -39,14 +39,20 @@ class WeightQuantizer(TensorQuantizer):
     the calibrated range first so no value can land outside it; for 8 bits the clamp keeps |q| <= 127.
     The forward values are identical either way."""
 
+    # Private modelopt 0.47 names used here (pinned in tests/qat/test_modelopt_contract.py):
+    # `_fake_quantize` is the one step forward() delegates the fake quantization to; modelopt has no
+    # public hook to change the grid written at export, so it is overridden. `_get_amax(inputs)` is
+    # the amax the parent's `_fake_quantize` uses (the `amax` property is the raw buffer, without the
+    # device alignment and export-mode detach), so both paths see the same tensor. `_pass_through_bwd`
+    # has no public getter (only the config field).
     def _fake_quantize(self, inputs):
         if not torch.onnx.is_in_onnx_export():
             return super()._fake_quantize(inputs)
         amax = self._get_amax(inputs)
         if bool((inputs.abs() > amax).any()):  # only emitted when weights left the calibrated range
             inputs = torch.maximum(torch.minimum(inputs, amax), -amax)
-        amax8 = amax * ((2 ** (ACT_BITS - 1) - 1) / (2 ** (self._num_bits - 1) - 1))
-        return fake_tensor_quant(inputs, amax8, None, ACT_BITS, False, False, self._trt_high_precision_dtype,
+        amax8 = amax * ((2 ** (ACT_BITS - 1) - 1) / (2 ** (self.num_bits - 1) - 1))
+        return fake_tensor_quant(inputs, amax8, None, ACT_BITS, False, False, self.trt_high_precision_dtype,
                                  self._pass_through_bwd, None, None)
 
 
@@ -59,7 +65,12 @@ class RangeHistogram(HistogramCalibrator):
     the lowest candidate, amax 0.0627 for data uniform on [0, 1]). Here: always NUM_BINS bins over
     [0, range] of |x|; when a batch exceeds the range, the range doubles (as many times as needed)
     and adjacent bins are merged pairwise, which is exact. The exact running max |x| is kept too
-    (`_calib_max`: the 'max' candidate of `--calib-method auto`). amax rules: qat.calibrate."""
+    (`_calib_max`: the 'max' candidate of `--calib-method auto`). amax rules: qat.calibrate.
+
+    The counts and edges stay in HistogramCalibrator's own `_calib_hist` / `_calib_bin_edges` (private
+    in modelopt 0.47) so its `reset()` frees them; `_num_bits` is the calibrator's (TensorQuantizer's
+    `num_bits` setter writes it; the calibrator has no public getter). Read them through the public
+    properties below; tests/qat/test_modelopt_contract.py pins the private names."""
 
     def __init__(self, num_bits=8, axis=None, unsigned=False):
         super().__init__(num_bits, axis, unsigned, num_bins=NUM_BINS, torch_hist=True)
@@ -100,6 +111,25 @@ class RangeHistogram(HistogramCalibrator):
             self._calib_bin_edges = torch.linspace(0, self._calib_range, NUM_BINS + 1, device=x.device)
         self._calib_hist += torch.histc(x, bins=NUM_BINS, min=0, max=self._calib_range)
 
+    @property
+    def hist(self):
+        """Counts of |x| per bin (float64, NUM_BINS), or None before the first batch / after reset."""
+        return self._calib_hist
+
+    @property
+    def bin_edges(self):
+        """NUM_BINS + 1 edges from 0, or None."""
+        return self._calib_bin_edges
+
+    @property
+    def running_max(self):
+        """The exact largest |x| seen (0-d tensor), or None."""
+        return self._calib_max
+
+    @property
+    def num_bits(self):
+        return self._num_bits
+
     def compute_amax(self, *args, **kwargs):
         raise NotImplementedError("amax from a RangeHistogram: qat.calibrate.histogram_amax (modelopt's mse is wrong)")
 
@@ -128,6 +158,13 @@ def disabled_quantizer():
 
 def is_quantizer(m):
     return isinstance(m, TensorQuantizer)
+
+
+def calibrator_of(quantizer):
+    """The quantizer's calibrator (MaxCalibrator or RangeHistogram). modelopt 0.47's TensorQuantizer
+    keeps it in the private `_calibrator` with no public getter (only `bias_calibrator`); pinned in
+    tests/qat/test_modelopt_contract.py."""
+    return quantizer._calibrator
 
 
 class QuantMixin:

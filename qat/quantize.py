@@ -117,7 +117,7 @@ def quantizer_summary(model):
         amax, amax_min = _amax_stats(q)
         rows.append({"name": name, "members": members, "kind": "weight" if isinstance(q, WeightQuantizer) else "input",
                      "bits": int(q.num_bits), "per": "tensor" if q.axis is None else "channel",
-                     "enabled": not q._disabled, "amax": amax, "amax_min": amax_min, "group": groups.get(name)})
+                     "enabled": q.is_enabled, "amax": amax, "amax_min": amax_min, "group": groups.get(name)})
     return rows
 
 
@@ -139,7 +139,7 @@ def clamp_weights_to_range(model):
     (quantization clips there anyway), but the stored float weights then export with |q| within
     the weight bits even through a converter that ignores our export path."""
     for m in model.modules():
-        if isinstance(m, QuantConv2d) and not m.weight_quantizer._disabled and m.weight_quantizer.amax is not None:
+        if isinstance(m, QuantConv2d) and m.weight_quantizer.is_enabled and m.weight_quantizer.amax is not None:
             a = m.weight_quantizer.amax.to(m.weight.dtype)
             m.weight.copy_(torch.maximum(torch.minimum(m.weight, a), -a))
     return model
@@ -177,7 +177,7 @@ def load_quantizer_state(model, state):
 def disabled_quantizers(model):
     """Canonical names of the quantizers that are disabled (by settings, or by calibration when one
     saw no data): saved beside the amax so that a reloaded model quantizes exactly the same points."""
-    return [name for name, q, _ in unique_quantizers(model) if q._disabled]
+    return [name for name, q, _ in unique_quantizers(model) if not q.is_enabled]
 
 
 def disable_quantizers(model, names):
@@ -193,7 +193,7 @@ def disable_quantizers(model, names):
 
 def uncalibrated_quantizers(model):
     """Names of enabled quantizers without an amax: they would quantize with a per-batch range."""
-    return [name for name, q, _ in unique_quantizers(model) if not q._disabled and q.amax is None]
+    return [name for name, q, _ in unique_quantizers(model) if q.is_enabled and q.amax is None]
 
 
 def set_quant_enabled(model, enabled=True):

@@ -118,11 +118,11 @@ def trace_groups(model, example=None):
         seen[id(module)].append(args[0])
 
     handles = [q.register_forward_pre_hook(pre_hook) for q in objects.values()]
-    disabled = {k: q._disabled for k, q in every.items()}
+    enabled = {k: q.is_enabled for k, q in every.items()}
     training = model.training
     try:
         for q in every.values():
-            q._disabled = True  # pass-through: the quantizer's output is its input object
+            q.disable()  # pass-through: the quantizer's output is its input object
         model.eval()
         recorder = _Recorder(uf)
         with recorder:
@@ -135,7 +135,10 @@ def trace_groups(model, example=None):
         for h in handles:
             h.remove()
         for k, q in every.items():
-            q._disabled = disabled[k]
+            if enabled[k]:
+                q.enable()
+            else:
+                q.disable()
         model.train(training)
     groups = {}
     for name, _, _, q in slots:

@@ -38,7 +38,7 @@ def quantized_layers(model):
     """Indices of top-level layers that own at least one enabled quantizer."""
     out = []
     for name, _, _, q in quantizer_slots(model):
-        if not q._disabled:
+        if q.is_enabled:
             i = int(name.split(".")[1])
             if i not in out:
                 out.append(i)

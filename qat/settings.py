@@ -17,7 +17,10 @@ class QuantSettings:
     percentile: for 'percentile'. no_last_layer: keep the detection head (model.model[-1]) in float.
     skip_layers: regexes searched (re.search) in quantizer names such as
     'model.3.cv4.conv.input_quantizer', so '^model\\.22\\.' or 'model\\.3\\.cv4' keeps every quantizer
-    of those modules disabled (in float).
+    of those modules disabled (in float). Not modelopt's wildcard quantizer config
+    (`set_quantizer_by_cfg`): it fnmatches `named_modules()`, which lists a shared quantizer under one
+    name only, and disables the matched object, un-quantizing the neighbours in its group; a skipped
+    slot here gets its own disabled quantizer (qat.quantize). Regexes are also what checkpoints store.
     residual_quant: the residual Add of RepNBottleneck: 'both' inputs quantized (one scale), or only the
     'shortcut' input (TensorRT's Q/DQ placement guide: the Add then fuses into the convolution that
     produces the other input). Which is faster is measured on a GPU (scripts/gpu_check.sh)."""
