@@ -256,6 +256,12 @@ def run(data, weights=None, onnx=None, engine=None, checkpoint=None, imgsz=None,
                               else "openvino" if backend == "auto" and irs else backend)
     if irs and backend != "openvino":
         raise UserError(f"{irs[0]} is an OpenVINO IR: use --backend openvino (or pass the ONNX)")
+    if backend == "tensorrt" and files:  # say so before the dataset scan, not after it
+        from qat.deploy import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise UserError(f"backend 'tensorrt' is not available here: {why}; use --backend openvino (CPU)")
     deployables = _deployables(files, checkpoints, trusted)
     if imgsz is None:
         imgsz = int(max(next((m.get("imgsz") for _, m, _ in deployables if m.get("imgsz")), None) or [640]))
