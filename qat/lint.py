@@ -171,10 +171,12 @@ def _residual_violations(graph, placement, float_patterns):
         fed = [_dq_of(t) is not None for t in n.inputs]
         if sum(fed) != 1:
             continue
+        other = n.inputs[fed.index(False)]
+        if getattr(other, "inputs", None) and other.inputs[0].op in ("Add", "Sum"):
+            continue  # a chain of addends (CBFuse: (a + b) + c): its inputs are checked at the first Add
         if placement == "both":
             v.append(f"{n.name}: residual Add with only one quantized input; --residual-quant both quantizes both")
             continue
-        other = n.inputs[fed.index(False)]
         prod = other.inputs[0] if getattr(other, "inputs", None) else None
         if prod is not None and prod.op == "Mul":  # SiLU = x * sigmoid(x): look through to its input
             prod = next((t.inputs[0] for t in prod.inputs if getattr(t, "inputs", None) and t.inputs[0].op == "Conv"),

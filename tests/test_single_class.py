@@ -96,8 +96,8 @@ def test_single_class_end_to_end(single, tmp_path, capsys):
     # OpenVINO, both activation forms, agree with the reference on the same images
     x = torch.rand(2, 3, IMGSZ, IMGSZ)
     ref = load_backend("onnxruntime", onnx_path)(x)
-    for uint8 in (True, False):
-        y = load_backend("openvino", onnx_path, uint8=uint8)(x)
+    for form in ("uint8", "int8"):
+        y = load_backend("openvino", onnx_path, act_form=form)(x)
         assert y.shape == ref.shape == (2, 5, ref.shape[2])
         assert (y[:, 4] - ref[:, 4]).abs().max() < 0.05  # class scores
 
