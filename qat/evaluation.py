@@ -75,6 +75,18 @@ class FirstBatches:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
+def checked_loader(source, nc, split, imgsz, batch_size, stride, hyp, **kw):
+    """create_dataloader whose labels of a class >= nc are skipped and counted by our scan, or refused
+    with one line in an upstream clone (its create_dataloader does not know nc)."""
+    from utils.dataloaders import create_dataloader
+    scan_checks_nc = "nc" in inspect.signature(create_dataloader).parameters
+    loader, dataset = create_dataloader(source, imgsz, batch_size, stride, hyp=hyp, **kw,
+                                        **({"nc": nc} if scan_checks_nc else {}))
+    if not scan_checks_nc:
+        check_label_classes(dataset, nc, split)
+    return loader
+
+
 def make_loaders(data, imgsz, stride, opt, hyp, rank=-1):
     """-> (train loader (this rank's shard), calibration loader (the same one unless --augment:
     calibration sees plain images), val loader or None (rank 0)). Arguments after `stride` by
@@ -82,16 +94,9 @@ def make_loaders(data, imgsz, stride, opt, hyp, rank=-1):
     from utils.dataloaders import create_dataloader
     bs = opt.batch_size // max(WORLD_SIZE, 1)
     augment = bool(getattr(opt, "augment", False))
-    nc = int(data["nc"])
-    # our scan skips and counts labels of a class >= nc; an upstream clone's does not know nc
-    scan_checks_nc = "nc" in inspect.signature(create_dataloader).parameters
 
     def loader(split, batch_size, **kw):
-        loader, dataset = create_dataloader(data[split], imgsz, batch_size, stride, hyp=hyp,
-                                            **kw, **({"nc": nc} if scan_checks_nc else {}))
-        if not scan_checks_nc:
-            check_label_classes(dataset, nc, split)
-        return loader
+        return checked_loader(data[split], int(data["nc"]), split, imgsz, batch_size, stride, hyp, **kw)
 
     def train_split(aug, prefix):
         # --seed: calibration sample, data order (upstream's create_dataloader has no seed)
@@ -155,8 +160,7 @@ def selection_split(data, opt, save_dir):
     barrier()  # every rank, whether or not it saw the lists already
     return str(train_txt), str(select_txt)
 
-def make_select_loader(select, imgsz, stride, opt, hyp):
-    from utils.dataloaders import create_dataloader
+def make_select_loader(select, nc, imgsz, stride, opt, hyp):
     bs = 2 * opt.batch_size // max(WORLD_SIZE, 1)
-    return create_dataloader(select, imgsz, bs, stride, hyp=hyp, augment=False, rect=True, rank=-1,
-                             workers=opt.workers * 2, pad=0.5, prefix=colorstr("select: "))[0]
+    return checked_loader(select, nc, "selection", imgsz, bs, stride, hyp, augment=False, rect=True, rank=-1,
+                          workers=opt.workers * 2, pad=0.5, prefix=colorstr("select: "))

@@ -164,7 +164,7 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
         if write_opt:
             yaml_save(save_dir / "opt.yaml", plain_opt(opt))
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches) if main else None
-    select_fn = make_val_fn(data, make_select_loader(select_src, imgsz, stride, opt, hyp), imgsz,
+    select_fn = make_val_fn(data, make_select_loader(select_src, int(data["nc"]), imgsz, stride, opt, hyp), imgsz,
                             opt.batch_size * 2) if main else None
 
     def evaluate(m, label, fn=None):
@@ -292,7 +292,7 @@ def run_sensitivity(opt):
     _, calib_loader, val_loader = make_loaders(dict(data, train=train_src), imgsz, stride, opt, hyp)
     save_dir.mkdir(parents=True, exist_ok=True)
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches)
-    select_fn = make_val_fn(data, make_select_loader(select_src, imgsz, stride, opt, hyp), imgsz, opt.batch_size * 2)
+    select_fn = make_val_fn(data, make_select_loader(select_src, int(data["nc"]), imgsz, stride, opt, hyp), imgsz, opt.batch_size * 2)
     fp32_map = val_fn(fp32)["map"]
     qmodel, _ = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device, save_dir, select_fn)
     base, ranked = layer_sensitivity(qmodel, val_fn)
