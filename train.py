@@ -76,7 +76,7 @@ def load_hyp(hyp):
     (every training key present, every value a finite number), plus training's own ranges."""
     from qat.options import load_hyp as read_hyp
 
-    hyp = read_hyp(hyp, required=HYP_KEYS)
+    hyp = read_hyp(hyp, required=HYP_KEYS, start_from="data/hyps/hyp.scratch-high.yaml")
     if not hyp["lr0"] > 0 or hyp["lrf"] < 0:
         raise UserError(f"hyperparameters lr0={hyp['lr0']} must be > 0 and lrf={hyp['lrf']} >= 0")
     nbs = hyp.get("nbs", NBS)

@@ -18,7 +18,6 @@ images held out; never the reported val split), weights/qat_last.pt, calibration
 Export the result with export_qat.py.
 """
 import argparse
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -32,11 +31,10 @@ import torch.distributed as dist  # noqa: E402
 
 from qat.compat import UserError, run_cli  # noqa: E402
 from utils.cli import ArgumentParser  # noqa: E402
+from qat.distributed import LOCAL_RANK, WORLD_SIZE  # noqa: E402
 from qat.options import add_common_args, add_finetune_args  # noqa: E402
 from qat.pipeline import run, run_sensitivity  # noqa: E402
 
-LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
-WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 
 
 def parse_opt(argv=None):
@@ -46,7 +44,11 @@ def parse_opt(argv=None):
     if argv and argv[0] == "sensitive":
         command, argv = "sensitive", argv[1:]
     p = ArgumentParser(prog="train_qat.py" + (" sensitive" if command == "sensitive" else ""),
-                                description="YOLOv9 quantization-aware training (TensorRT-style INT8 Q/DQ)")
+                       description="YOLOv9 quantization-aware training (TensorRT-style INT8 Q/DQ)",
+                       epilog=None if command == "sensitive" else
+                       "subcommand: train_qat.py sensitive [options]: rank the layers by the mAP50-95 they "
+                       "recover when kept float (--auto-skip BUDGET: the float set for a budget); "
+                       "train_qat.py sensitive --help lists its options")
     add_common_args(p)
     if command == "qat":
         add_finetune_args(p)

@@ -79,6 +79,9 @@ def section(results_dir=RESULTS, readme_dir=ROOT):
             from benchmarks.bench_agreement import to_markdown
 
             lines += [to_markdown(r).replace("# Deployment agreement", "### Deployment agreement", 1)]
+        elif "per_seed" in r:  # benchmarks/bench_accuracy.py: its own markdown, headings one level down
+            md = f.with_suffix(".md").read_text().replace("\n## ", "\n#### ").replace("# ", "### ", 1)
+            lines += [md.rstrip("\n"), ""]
         elif "rows" in r:
             lines += accuracy_section(f.stem, r)
     if machine:

@@ -130,7 +130,7 @@ def check_opt(opt):
         raise UserError(f"--batch-size {opt.batch_size} must be a multiple of the {WORLD_SIZE} DDP processes")
     return settings
 
-def load_hyp(hyp, required=()):
+def load_hyp(hyp, required=(), start_from=DEFAULT_HYP):
     """--hyp (a yaml path or a dict) -> dict. Keys in `required` must be there; every value must be
     a finite number (the loss gains and augmentation settings all are)."""
     where = "--hyp" if isinstance(hyp, dict) else f"--hyp {hyp}"
@@ -149,7 +149,7 @@ def load_hyp(hyp, required=()):
     hyp = dict(hyp)
     missing = [k for k in required if k not in hyp]
     if missing:
-        raise UserError(f"{where} misses {', '.join(missing)}: start from {DEFAULT_HYP}")
+        raise UserError(f"{where} misses {', '.join(missing)}: start from {start_from}")
     for k, v in hyp.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise UserError(f"{where}: {k}={v!r} is not a finite number")

@@ -234,7 +234,7 @@ def test_bad_hyp_and_freeze_are_one_line_and_leave_no_run_folder(tmp_path, data)
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("lr0: [0.01\nbox: 7.5\n")
     cases = [(dict(hyp=str(bad_yaml)), "not valid YAML"),
-             (dict(hyp={k: v for k, v in _hyp().items() if k != "box"}), "miss box"),
+             (dict(hyp={k: v for k, v in _hyp().items() if k != "box"}), "misses box"),
              (dict(hyp=_hyp(box="big")), "box='big' is not a finite number"),
              (dict(hyp=_hyp(lr0=float("inf"))), "lr0=inf is not a finite number"),
              (dict(hyp=_hyp(lrf=float("nan"))), "lrf=nan is not a finite number"),
