@@ -140,7 +140,7 @@ def _refuse_broken(path):
     if violations:
         for line in violations[:50]:
             LOGGER.info(f"lint: {line}")
-        more = f" (first 50 listed above)" if len(violations) > 50 else " (listed above)"
+        more = " (first 50 listed above)" if len(violations) > 50 else " (listed above)"
         raise UserError(f"{path}: qat.lint found {len(violations)} Q/DQ rule violation(s){more}: refusing to "
                         f"validate it; export the checkpoint again with export_qat.py")
 
