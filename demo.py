@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int  # noqa: E402
 from utils.general import LOGGER, UserError, colorstr, run_cli  # noqa: E402
+from utils.torch_utils import atomic_output  # noqa: E402
 
 DEMO_WEIGHTS = ROOT / "weights/demo-gelan.pt"
 DEMO_DATA = ROOT / "data/demo.yaml"
@@ -144,7 +145,8 @@ def main(argv=None):
     qat_best = qat_dir / "weights/qat_best.pt"
     _run("3/5 export Q/DQ ONNX", ["export_qat.py", "--weights", qat_best, "--imgsz", opt.imgsz, "--device", "cpu"])
     fp32_pt = out / "fp32.pt"
-    fp32_pt.write_bytes(Path(opt.weights).read_bytes())  # export.py writes the ONNX beside its weights
+    with atomic_output(fp32_pt) as tmp:
+        tmp.write_bytes(Path(opt.weights).read_bytes())  # export.py writes the ONNX beside its weights
     _run("3/5 export FP32 ONNX", ["export.py", "--weights", fp32_pt, "--imgsz", opt.imgsz, "--device", "cpu"])
     _run("4/5 deploy INT8 (OpenVINO)", ["val_trt.py", "--weights", qat_best.with_suffix(".onnx"), "--data", opt.data,
                                         "--checkpoint", qat_best, "--imgsz", opt.imgsz, "--backend", "openvino",
@@ -160,9 +162,11 @@ def main(argv=None):
     title = f"yolov9-qat demo ({Path(opt.weights).name}, {Path(opt.data).name}, {opt.imgsz} px, CPU)"
     text, rows, deploy_rows = summary(title, report, deployed, best_note(qat_best), opt.threads, latency,
                                       time.time() - t_start)
-    (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "deployment": deploy_rows, **latency,
-                                                  "speedup": latency["float_ms"] / latency["int8_ms"]}, indent=1))
+    with atomic_output(out / "summary.md") as tmp:
+        tmp.write_text(text)
+    with atomic_output(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps({"rows": rows, "deployment": deploy_rows, **latency,
+                                   "speedup": latency["float_ms"] / latency["int8_ms"]}, indent=1))
     LOGGER.info("\n" + text + f"Saved to {out}")
 
 

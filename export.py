@@ -19,8 +19,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.experimental import attempt_load  # noqa: E402
-from utils.cli import ArgumentParser, imgsz_int, opset_int, positive_int  # noqa: E402
-from utils.general import LOGGER, UserError, check_img_size, colorstr, file_size, print_args, run_cli  # noqa: E402
+from utils.cli import (ArgumentParser, add_device_arg, add_trusted_flag, cli_main, imgsz_int, opset_int,  # noqa: E402
+                       positive_int)
+from utils.general import LOGGER, UserError, check_img_size, colorstr, file_size, run_cli  # noqa: E402
 from utils.torch_utils import atomic_output, select_device  # noqa: E402
 
 def export_onnx(model, path, imgsz, batch_size=1, dynamic=False, opset=17, simplify=False):
@@ -67,19 +68,13 @@ def parse_opt(argv=None):
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width axes")
     parser.add_argument("--opset", type=opset_int, default=17, help="ONNX opset version")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
-    parser.add_argument("--device", default="cpu", help="cuda device, i.e. 0 or cpu")
-    parser.add_argument("--trusted", action="store_true",
-                        help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
+    add_device_arg(parser)
+    add_trusted_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    def _main():
-        opt = parse_opt(argv)
-        print_args(vars(opt))
-        return run(**vars(opt))
-
-    return run_cli(_main)
+    return cli_main(parse_opt, run, argv, run_cli)
 
 
 if __name__ == "__main__":

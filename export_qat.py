@@ -30,8 +30,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from qat.compat import UserError, atomic_output, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
-from utils.cli import ArgumentParser, imgsz_int, opset_int, positive_int, probability  # noqa: E402
-from utils.general import LOGGER, check_img_size, colorstr, file_size, print_args  # noqa: E402
+from utils.cli import (ArgumentParser, add_device_arg, add_trusted_flag, cli_main, imgsz_int, opset_int,  # noqa: E402
+                       positive_int, probability)
+from utils.general import LOGGER, check_img_size, colorstr, file_size  # noqa: E402
 
 
 def _drop_head_quantizers(model):
@@ -184,7 +185,7 @@ def parse_opt(argv=None):
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch (and h/w without --end2end)")
     parser.add_argument("--opset", type=opset_int, default=17, help="ONNX opset version (>= 13)")
     parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
-    parser.add_argument("--device", default="cpu", help="cuda device, i.e. 0 or cpu")
+    add_device_arg(parser)
     parser.add_argument("--no-last-layer", action="store_true", help="export the detection head without Q/DQ")
     parser.add_argument("--end2end", action="store_true", help="NMS inside the graph (writes <weights>-end2end.onnx)")
     parser.add_argument("--nms", default="auto", choices=("auto", "tensorrt", "onnx"),
@@ -205,18 +206,12 @@ def parse_opt(argv=None):
     parser.add_argument("--max-batch", type=positive_int, default=None,
                         help="dynamic exports: largest batch of the TensorRT profile and Triton's max_batch_size "
                              "(default 32)")
-    parser.add_argument("--trusted", action="store_true",
-                        help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
+    add_trusted_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    def _main():
-        opt = parse_opt(argv)
-        print_args(vars(opt))
-        return run(**vars(opt))
-
-    return run_cli(_main)
+    return cli_main(parse_opt, run, argv, run_cli)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,16 +43,18 @@ if str(ROOT) not in sys.path:
 import val as validate  # noqa: E402
 from models.experimental import attempt_load, load_checkpoint  # noqa: E402
 from models.yolo import Model  # noqa: E402
+from qat.distributed import setup_ddp  # noqa: E402  (torchrun: one process group setup for train.py and train_qat.py)
 from utils.callbacks import Callbacks  # noqa: E402
-from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int  # noqa: E402
+from utils.cli import (ArgumentParser, add_device_arg, add_trusted_flag, imgsz_int, newest_file,  # noqa: E402
+                       nonneg_int, positive_int)
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.general import (LOGGER, UserError, check_dataset, check_img_size, colorstr, increment_path,  # noqa: E402
                            print_args, run_cli, yaml_load, yaml_save)
 from utils.loss_tal import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_results, read_results_csv  # noqa: E402
-from utils.torch_utils import (EarlyStopping, ModelEMA, de_parallel, init_seeds, intersect_dicts,  # noqa: E402
-                               linear_lr, one_cycle, one_flat_cycle, save_atomic, select_device, smart_optimizer,
+from utils.torch_utils import (EarlyStopping, ModelEMA, atomic_output, de_parallel, init_seeds, intersect_dicts,  # noqa: E402
+                               linear_lr, one_cycle, one_flat_cycle, save_atomic, smart_optimizer,
                                torch_distributed_zero_first)
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))  # set by torchrun
@@ -181,7 +183,8 @@ def _truncate_results(file, start_epoch):
     keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",")[0].strip() and
                         float(ln.split(",")[0]) < start_epoch]
     if len(keep) != len(lines):
-        file.write_text("".join(keep))
+        with atomic_output(file) as tmp:
+            tmp.write_text("".join(keep))
 
 
 def write_results_tables(save_dir):
@@ -192,10 +195,12 @@ def write_results_tables(save_dir):
     recs = [dict(zip(head, r)) for r in rows]
     for r in recs:
         r["epoch"] = int(r["epoch"])
-    (save_dir / "results.json").write_text(json.dumps(recs, indent=1))
+    with atomic_output(save_dir / "results.json") as tmp:
+        tmp.write_text(json.dumps(recs, indent=1))
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(f"{v:.5g}" for v in r) + " |" for r in rows]
-    (save_dir / "results.md").write_text("\n".join(md) + "\n")
+    with atomic_output(save_dir / "results.md") as tmp:
+        tmp.write_text("\n".join(md) + "\n")
 
 
 # --- training ----------------------------------------------------------------------------------------
@@ -522,7 +527,7 @@ def parse_opt(argv=None):
     parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
     parser.add_argument("--noval", action="store_true", help="only validate final epoch")
     parser.add_argument("--noplots", action="store_true", help="save no plot files")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    add_device_arg(parser, default="")
     parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
     parser.add_argument("--optimizer", type=str, choices=OPTIMIZERS, default="SGD", help="optimizer")
     parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only in DDP mode on CUDA")
@@ -539,23 +544,17 @@ def parse_opt(argv=None):
     parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="Global training seed")
     parser.add_argument("--close-mosaic", type=nonneg_int, default=0, help="train the last N epochs without mosaic")
-    parser.add_argument("--trusted", action="store_true",
-                        help="allow full pickle loading of --weights (only for files you trust)")
+    add_trusted_flag(parser)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def _latest_run(project):
-    runs = sorted(Path(project).glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise UserError(f"--resume: no */weights/last.pt under {project}; pass the last.pt to resume")
-    return runs[-1]
 
 
 def _resume_opt(opt):
     """--resume: the opt of the run (opt.yaml beside weights/, else the checkpoint's), continuing in
     its folder from its last.pt. --device and --workers stay those of this command (machine-specific)."""
-    last = Path(_latest_run(opt.project) if opt.resume is True else opt.resume)
+    last = newest_file(opt.project, "*/weights/last.pt") if opt.resume is True else Path(opt.resume)
+    if last is None:
+        raise UserError(f"--resume: no */weights/last.pt under {opt.project}; pass the last.pt to resume")
     if not last.is_file():
         raise UserError(f"--resume {opt.resume}: file not found; pass a run's weights/last.pt")
     opt_yaml = last.parent.parent / "opt.yaml"
@@ -587,20 +586,7 @@ def main(opt, callbacks=None):
     if RANK in (-1, 0):
         print_args(vars(opt))
 
-    # Device and DDP
-    device = select_device(opt.device, batch_size=opt.batch_size)
-    if LOCAL_RANK != -1:
-        if device.type == "cuda":
-            if torch.cuda.device_count() <= LOCAL_RANK:
-                raise UserError(f"torchrun started {WORLD_SIZE} processes but only {torch.cuda.device_count()} "
-                                f"CUDA device(s) are visible")
-            torch.cuda.set_device(LOCAL_RANK)
-            device = torch.device("cuda", LOCAL_RANK)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                    timeout=timedelta(hours=3),  # rank 0 validates while the others wait
-                                    device_id=device if device.type == "cuda" else None)
-        LOGGER.info(f"DDP: {WORLD_SIZE} processes, backend {dist.get_backend()}, device {device}")
+    device = setup_ddp(opt.device, batch_size=opt.batch_size)  # and the process group under torchrun
 
     if opt.resume:
         opt = _resume_opt(opt)

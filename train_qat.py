@@ -19,19 +19,17 @@ Export the result with export_qat.py.
 """
 import argparse
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from qat.compat import UserError, run_cli  # noqa: E402
 from utils.cli import ArgumentParser  # noqa: E402
-from qat.distributed import LOCAL_RANK, WORLD_SIZE  # noqa: E402
+from qat.distributed import LOCAL_RANK, setup_ddp  # noqa: E402
 from qat.options import add_common_args, add_finetune_args  # noqa: E402
 from qat.pipeline import run, run_sensitivity  # noqa: E402
 
@@ -58,27 +56,10 @@ def parse_opt(argv=None):
     return opt
 
 
-def _setup_ddp(opt):
-    """torchrun: one process per device, NCCL on CUDA, gloo on CPU; rank 0 validates while others wait."""
-    from utils.torch_utils import select_device
-    device = select_device(opt.device, batch_size=opt.batch_size)
-    if LOCAL_RANK == -1:
-        return device
-    if device.type == "cuda":
-        if torch.cuda.device_count() <= LOCAL_RANK:
-            raise UserError(f"torchrun started {WORLD_SIZE} processes but only {torch.cuda.device_count()} "
-                            f"CUDA device(s) are visible")
-        torch.cuda.set_device(LOCAL_RANK)
-        device = torch.device("cuda", LOCAL_RANK)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
-    return device
-
-
 def main(opt):
     if opt.command == "sensitive":
         return run_sensitivity(opt)
-    device = _setup_ddp(opt)
+    device = setup_ddp(opt.device, batch_size=opt.batch_size)
     try:
         return run(opt, device=device)
     finally:

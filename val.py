@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int, probability
+from utils.cli import (ArgumentParser, add_device_arg, add_trusted_flag, imgsz_int, nonneg_int, positive_int,
+                       probability)
 from utils.general import (LOGGER, UserError, check_dataset, check_img_size, coco80_to_coco91_class, colorstr,
                            increment_path, non_max_suppression, print_args, run_cli, scale_boxes, xywh2xyxy,
                            xyxy2xywh)
@@ -243,12 +244,16 @@ def _log_table(m, names, seen, task, nc, per_class):
 def _coco_eval(tally, weights, save_dir, task, names, is_coco, anno_json):
     """Write the predictions (and, for non-COCO data, ground truth from the labels) as COCO json and run
     COCOeval -> (coco_map, coco_map50)."""
+    from utils.torch_utils import atomic_output
+
     w = Path(weights).stem if isinstance(weights, (str, Path)) else "model"
     pred_json = save_dir / f"{w}_predictions.json"
-    pred_json.write_text(json.dumps(tally.jdict))
+    with atomic_output(pred_json) as tmp:
+        tmp.write_text(json.dumps(tally.jdict))
     if not is_coco:
         anno_json = save_dir / f"{task}_ground_truth_coco.json"
-        anno_json.write_text(json.dumps(coco_gt_from_labels(tally.gt_images, tally.gt_annotations, names)))
+        with atomic_output(anno_json) as tmp:
+            tmp.write_text(json.dumps(coco_gt_from_labels(tally.gt_images, tally.gt_annotations, names)))
     LOGGER.info(f"\nEvaluating pycocotools mAP against {anno_json}, predictions saved to {pred_json}")
     if tally.jdict:
         return coco_evaluate(anno_json, pred_json, tally.coco_img_ids if is_coco else None)
@@ -337,7 +342,7 @@ def parse_opt(argv=None):
     parser.add_argument("--iou-thres", type=probability, default=0.7, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=positive_int, default=300, help="maximum detections per image")
     parser.add_argument("--task", default="val", choices=("train", "val", "test"), help="split to evaluate")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
+    add_device_arg(parser, default="")
     parser.add_argument("--workers", type=nonneg_int, default=8, help="max dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
     parser.add_argument("--save-json", action="store_true", help="save COCO-JSON results and run pycocotools")
@@ -346,8 +351,7 @@ def parse_opt(argv=None):
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA)")
     parser.add_argument("--verbose", action="store_true", help="report mAP by class")
-    parser.add_argument("--trusted", action="store_true",
-                        help="allow full pickle loading of the checkpoint (only for files you trust)")
+    add_trusted_flag(parser)
     opt = parser.parse_args(argv)
     opt.save_json |= str(opt.data).endswith("coco.yaml")
     return opt

@@ -29,8 +29,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from qat.compat import UserError, atomic_output, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
-from utils.cli import ArgumentParser, imgsz_int, nonneg_float, nonneg_int, positive_int, probability  # noqa: E402
-from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path, print_args  # noqa: E402
+from utils.cli import (ArgumentParser, add_device_arg, add_trusted_flag, cli_main, imgsz_int, nonneg_float,  # noqa: E402
+                       nonneg_int, positive_int, probability)
+from utils.general import LOGGER, check_dataset, check_img_size, colorstr, increment_path  # noqa: E402
 
 
 def _vnni(value):
@@ -327,7 +328,7 @@ def parse_opt(argv=None):
     parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size")
     parser.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "openvino", "onnxruntime"),
                         help="auto: tensorrt where TensorRT and a GPU are there, else openvino")
-    parser.add_argument("--device", default="cpu", help="device of the PyTorch rows: cpu or cuda index")
+    add_device_arg(parser, help="device of the PyTorch rows: cpu or cuda index")
     parser.add_argument("--workers", type=nonneg_int, default=4, help="max dataloader workers")
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for OpenVINO / ONNX Runtime")
     parser.add_argument("--act-form", default="auto", choices=("auto", "int8", "uint8", "measure"),
@@ -343,18 +344,12 @@ def parse_opt(argv=None):
     parser.add_argument("--project", default=str(ROOT / "runs/val_trt"), help="save to project/name")
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    parser.add_argument("--trusted", action="store_true",
-                        help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
+    add_trusted_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    def _main():
-        opt = parse_opt(argv)
-        print_args(vars(opt))
-        return run(**vars(opt))
-
-    return run_cli(_main)
+    return cli_main(parse_opt, run, argv, run_cli)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_float, positive_int  # noqa: E402
+from utils.cli import (ArgumentParser, add_trusted_flag, imgsz_int, nonneg_int, positive_float,  # noqa: E402
+                       positive_int)
 from utils.general import LOGGER, UserError, check_img_size, print_args, run_cli  # noqa: E402
+from utils.torch_utils import atomic_output  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONF = 0.25  # anchors the reference is confident about
@@ -225,7 +227,7 @@ def parse_opt(argv=None):
     p.add_argument("--threads", type=positive_int, default=1, help="runtime threads")
     p.add_argument("--workers", type=nonneg_int, default=2, help="dataloader workers")
     p.add_argument("--name", default=None, help="results name (default: the ONNX's stem)")
-    p.add_argument("--trusted", action="store_true", help="allow full pickle loading of --weights")
+    add_trusted_flag(p)
     return p.parse_args(argv)
 
 
@@ -238,8 +240,10 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"agreement-{r['name']}"
     text = to_markdown(r)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(r, indent=1))
+    with atomic_output(stem.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+    with atomic_output(stem.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(r, indent=1))
     LOGGER.info("\n" + text + f"Saved {stem}.md and .json")
 
 

@@ -42,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import ArgumentParser, imgsz_int, nonneg_int, positive_int  # noqa: E402
-from utils.general import LOGGER, UserError, check_img_size, print_args, run_cli  # noqa: E402
+from utils.cli import ArgumentParser, add_trusted_flag, cli_main, imgsz_int, nonneg_int, positive_int  # noqa: E402
+from utils.general import LOGGER, UserError, check_img_size, run_cli  # noqa: E402
+from utils.torch_utils import atomic_output  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -355,17 +356,21 @@ def chart(results, path):
                  f"{results['threads']} threads", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:])
     plt.close(fig)
 
 
 def write(results, out):
     out = Path(out)
     name = results["name"]
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{name}.md").write_text(table(results) + "\n")
+    with atomic_output(out / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
+    with atomic_output(out / f"{name}.md") as tmp:
+        tmp.write_text(table(results) + "\n")
     if results.get("profile"):
-        (out / f"{name}-profile.md").write_text(profile_table(results))
+        with atomic_output(out / f"{name}-profile.md") as tmp:
+            tmp.write_text(profile_table(results))
     chart(results, out / f"{name}.png")
     LOGGER.info("\n" + table(results) + f"\nwritten to {out}/{name}.{{md,json,png}}" +
                 (f" and {name}-profile.md" if results.get("profile") else ""))
@@ -392,17 +397,12 @@ def parse_opt(argv=None):
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-op profile")
     p.add_argument("--name", default=None, help="results name (default: cfg or weights stem, -<isa> when capped)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
-    p.add_argument("--trusted", action="store_true", help="load a checkpoint outside the safe-load allow-list")
+    add_trusted_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    def _main():
-        opt = parse_opt(argv)
-        print_args(vars(opt))
-        return run(**vars(opt))
-
-    return run_cli(_main)
+    return cli_main(parse_opt, run, argv, run_cli)
 
 
 if __name__ == "__main__":

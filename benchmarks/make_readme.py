@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.general import UserError, run_cli  # noqa: E402
+from utils.torch_utils import atomic_output  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -102,9 +103,11 @@ def update(readme, text):
     if START in old and END in old:
         head, rest = old.split(START, 1)
         tail = rest.split(END, 1)[1]
-        readme.write_text(head + text.rstrip("\n") + tail)
+        with atomic_output(readme) as tmp:
+            tmp.write_text(head + text.rstrip("\n") + tail)
         return f"{readme}: results section replaced"
-    readme.write_text(old.rstrip("\n") + "\n\n## Results\n\n" + text)
+    with atomic_output(readme) as tmp:
+        tmp.write_text(old.rstrip("\n") + "\n\n## Results\n\n" + text)
     return f"{readme}: results section appended (no markers found)"
 
 
@@ -115,7 +118,8 @@ def main(argv=None):
         p.add_argument("--results", default=str(RESULTS), help="results folder")
         opt = p.parse_args(argv)
         text = section(opt.results, Path(opt.readme).resolve().parent)
-        (Path(opt.results) / "README_section.md").write_text(text)
+        with atomic_output(Path(opt.results) / "README_section.md") as tmp:
+            tmp.write_text(text)
         print(update(opt.readme, text))
 
     return run_cli(_main)

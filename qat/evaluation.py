@@ -6,7 +6,7 @@ import itertools
 import random
 from pathlib import Path
 
-from qat.compat import UserError, attempt_load, list_image_files, load_checkpoint
+from qat.compat import UserError, atomic_output, attempt_load, list_image_files, load_checkpoint
 from qat.distributed import WORLD_SIZE, barrier, is_main_rank
 from qat.options import DEFAULT_DATA, DEFAULT_WEIGHTS, ROOT
 from utils.general import LOGGER, check_dataset, colorstr
@@ -155,8 +155,10 @@ def selection_split(data, opt, save_dir):
         held = set(random.Random(opt.seed).sample(range(len(files)), n))
         if is_main_rank():
             split_dir.mkdir(parents=True, exist_ok=True)
-            train_txt.write_text("\n".join(f for i, f in enumerate(files) if i not in held) + "\n")
-            select_txt.write_text("\n".join(files[i] for i in sorted(held)) + "\n")
+            with atomic_output(train_txt) as tmp:
+                tmp.write_text("\n".join(f for i, f in enumerate(files) if i not in held) + "\n")
+            with atomic_output(select_txt) as tmp:
+                tmp.write_text("\n".join(files[i] for i in sorted(held)) + "\n")
     barrier()  # every rank, whether or not it saw the lists already
     return str(train_txt), str(select_txt)
 

@@ -11,7 +11,8 @@ from qat.compat import UserError
 from qat.distributed import WORLD_SIZE
 from qat.finetune import LOSSES, OPTIMIZERS, RECIPES, SCHEDULES
 from qat.settings import CALIB_METHODS, WEIGHT_BITS, QuantSettings
-from utils.cli import float_range, imgsz_int, nonneg_float, nonneg_int, positive_float, positive_int
+from utils.cli import (add_device_arg, add_trusted_flag, float_range, imgsz_int, nonneg_float, nonneg_int,
+                       positive_float, positive_int)
 from utils.general import yaml_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +28,13 @@ def add_common_args(p):
     p.add_argument("--imgsz", "--img", "--img-size", type=imgsz_int, default=None,
                    help="image size (default: the checkpoint's training size, else 640)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="total batch size for all ranks")
-    p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    add_device_arg(p, default="")
     p.add_argument("--workers", type=nonneg_int, default=8, help="max dataloader workers (per rank)")
     p.add_argument("--project", default=str(ROOT / "runs/qat"), help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     p.add_argument("--seed", type=nonneg_int, default=0, help="global seed")
-    p.add_argument("--trusted", action="store_true", help="full pickle loading of --weights (files you trust)")
+    add_trusted_flag(p)
     p.add_argument("--val-batches", type=nonneg_int, default=0,
                    help="evaluate on the first N val batches only (0: all)")
     # quantization

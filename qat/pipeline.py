@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from qat.compat import UserError, init_seeds, load_checkpoint
+from qat.compat import UserError, atomic_output, init_seeds, load_checkpoint
 from qat.distributed import LOCAL_RANK, RANK, WORLD_SIZE, barrier, broadcast, is_main_rank
 from qat.evaluation import (METRICS, FirstBatches, check_demo_weights, check_nc, load_data, load_fp32, make_loaders,
                             make_select_loader, make_val_fn, selection_split)
 from qat.options import check_opt, default_opt, finetune_options, load_hyp, plain_opt
 from qat.report import best_note, selection_note, write_calibration_selection, write_report
 from qat.settings import QuantSettings
+from utils.cli import newest_file
 from utils.general import LOGGER, check_img_size, colorstr, increment_path, yaml_save
 
 
@@ -85,19 +86,14 @@ def quantize_and_calibrate(fp32, settings, loader, n_batches, device, save_dir=N
     return qmodel, settings
 
 
-def _latest_last(project):
-    runs = sorted(Path(project).glob("*/weights/qat_last.pt"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise UserError(f"--resume: no */weights/qat_last.pt under {project}; pass the qat_last.pt to resume")
-    return runs[-1]
-
-
 def resume_options(opt):
     """--resume: (the saved run's options with this call's device/workers/trusted, the qat_last.pt to
     continue from), everything checked before anything is written; (opt, None) without --resume."""
     if not opt.resume:
         return opt, None
-    last = Path(_latest_last(opt.project) if opt.resume is True else opt.resume)
+    last = newest_file(opt.project, "*/weights/qat_last.pt") if opt.resume is True else Path(opt.resume)
+    if last is None:
+        raise UserError(f"--resume: no */weights/qat_last.pt under {opt.project}; pass the qat_last.pt to resume")
     if not last.is_file():
         raise UserError(f"--resume {opt.resume}: file not found; pass a run's weights/qat_last.pt")
     resume = last
@@ -162,7 +158,8 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     if main:  # only now: a run that fails on its inputs leaves no run folder behind
         wdir.mkdir(parents=True, exist_ok=True)
         if write_opt:
-            yaml_save(save_dir / "opt.yaml", plain_opt(opt))
+            with atomic_output(save_dir / "opt.yaml") as tmp:  # (upstream's yaml_save, in a clone, is not atomic)
+                yaml_save(tmp, plain_opt(opt))
     val_fn = make_val_fn(data, val_loader, imgsz, opt.batch_size * 2, opt.val_batches) if main else None
     select_fn = make_val_fn(data, make_select_loader(select_src, int(data["nc"]), imgsz, stride, opt, hyp), imgsz,
                             opt.batch_size * 2) if main else None
@@ -205,7 +202,8 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
             rows["QAT"], select_rows["QAT"] = _chosen_rows(wdir / "qat_best.pt", rows, select_rows, history,
                                                            device, evaluate, opt.trusted)
     if main:
-        (save_dir / "history.json").write_text(json.dumps(history, indent=1))
+        with atomic_output(save_dir / "history.json") as tmp:
+            tmp.write_text(json.dumps(history, indent=1))
         if rows:
             write_report(rows, save_dir, note=best_note(wdir / "qat_best.pt") + selection_note(select_rows))
         LOGGER.info(f"{colorstr('QAT: ')}results in {save_dir}; weights {wdir / 'qat_best.pt'}")

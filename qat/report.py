@@ -3,22 +3,23 @@
 import json
 from pathlib import Path
 
-from qat.compat import load_checkpoint
+from qat.compat import atomic_output, load_checkpoint
 from qat.evaluation import METRICS
 from utils.general import LOGGER
 
 
 def write_calibration_selection(table, best, save_dir):
     save_dir = Path(save_dir)
-    (save_dir / "calibration_selection.json").write_text(json.dumps({"chosen": best["candidate"], "candidates": table},
-                                                                    indent=1))
+    with atomic_output(save_dir / "calibration_selection.json") as tmp:
+        tmp.write_text(json.dumps({"chosen": best["candidate"], "candidates": table}, indent=1))
     lines = ["# --calib-method auto: PTQ on the selection split", "",
              "| calibration | mAP50-95 | mAP50 | P | R |", "|---|---|---|---|---|"]
     for r in table:
         mark = " (chosen)" if r is best else ""
         lines.append(f"| {r['candidate']}{mark} | {r['map']:.4f} | {r['map50']:.4f} | {r['mp']:.4f} | {r['mr']:.4f} |")
     text = "\n".join(lines) + "\n"
-    (save_dir / "calibration_selection.md").write_text(text)
+    with atomic_output(save_dir / "calibration_selection.md") as tmp:
+        tmp.write_text(text)
     LOGGER.info("\n" + text)
 
 def best_note(path):
@@ -44,7 +45,8 @@ def write_report(rows, save_dir, title="QAT report", note=""):
         if ref is not None:
             entry.update({f"d_{k}": r[k] - ref[k] for k in METRICS if r.get(k) is not None})
         table.append(entry)
-    (save_dir / "report.json").write_text(json.dumps(table, indent=1))
+    with atomic_output(save_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(table, indent=1))
     head = "| model | mAP50-95 | mAP50 | P | R |" + (" Δ mAP50-95 | Δ mAP50 | Δ P | Δ R |" if ref else "")
     lines = [f"# {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for e in table:
@@ -55,7 +57,8 @@ def write_report(rows, save_dir, title="QAT report", note=""):
     if note:
         lines += ["", note]
     text = "\n".join(lines) + "\n"
-    (save_dir / "report.md").write_text(text)
+    with atomic_output(save_dir / "report.md") as tmp:
+        tmp.write_text(text)
     LOGGER.info("\n" + text)
     return save_dir / "report.md"
 

@@ -11,6 +11,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+from qat.compat import atomic_output
 from qat.quantize import disable_slots
 from qat.rules import quantizer_slots
 
@@ -83,7 +84,8 @@ def write_sensitivity(save_dir, fp32_map, base_map, ranked, skip=None):
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     data = {"fp32_map": fp32_map, "quantized_map": base_map, "layers": ranked, "auto_skip": skip}
-    (save_dir / "sensitivity.json").write_text(json.dumps(data, indent=1))
+    with atomic_output(save_dir / "sensitivity.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
     f = "" if fp32_map is None else f"{fp32_map:.4f}"
     lines = ["# Quantization sensitivity per layer (that layer alone in float)", "",
              f"FP32 mAP50-95 {f}, all layers quantized {base_map:.4f}.", "",
@@ -97,5 +99,6 @@ def write_sensitivity(save_dir, fp32_map, base_map, ranked, skip=None):
                else "the fully quantized model already meets the budget")
         lines += ["", f"auto-skip (budget {skip['budget']}): keep layers {skip['layers']} in float -> mAP50-95 "
                       f"{skip['map']:.4f}; {use}"]
-    (save_dir / "sensitivity.md").write_text("\n".join(lines) + "\n")
+    with atomic_output(save_dir / "sensitivity.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return save_dir / "sensitivity.md"

@@ -16,7 +16,7 @@ from copy import deepcopy
 
 import torch
 
-from qat.compat import UserError, load_checkpoint, run_cli
+from qat.compat import UserError, atomic_output, load_checkpoint, run_cli
 
 
 def _sync(device):
@@ -124,8 +124,8 @@ def main(argv=None):
     r["model"] = opt.weights or opt.cfg
     print(table(r))
     if opt.json:
-        with open(opt.json, "w") as f:
-            json.dump(r, f, indent=1)
+        with atomic_output(opt.json) as tmp:
+            tmp.write_text(json.dumps(r, indent=1))
     return r
 
 

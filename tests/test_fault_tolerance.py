@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "qat"))
-from qat_models import IMGSZ, tiny_run_inputs  # noqa: E402
+from qat_testkit import IMGSZ, tiny_run_inputs  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -131,7 +131,7 @@ def test_bad_input_sweep_issue16(tiny, tmp_path):
     --hyp and --freeze in tests/test_train.py and tests/test_train_qat.py."""
     import torch
 
-    from qat_models import save_fp32_checkpoint
+    from qat_testkit import save_fp32_checkpoint
     w, data = tiny["weights"], tiny["data"]
     d = yaml.safe_load(Path(data).read_text())
     R = ROOT
@@ -156,9 +156,9 @@ def test_bad_input_sweep_issue16(tiny, tmp_path):
     from qat.checkpoint import save_qat
     from qat.quantize import quantize_model
     from qat.settings import QuantSettings
-    from qat_models import fp32_model, images
+    from qat_testkit import fp32_model, noise_images
     q = quantize_model(fp32_model("gelan-t"), QuantSettings())
-    calibrate(q, [images(2, seed=3)], show=False)
+    calibrate(q, [noise_images(2, seed=3)], show=False)
     save_qat(damaged, q, QuantSettings())
     ckpt = torch.load(damaged, weights_only=False)
     ckpt["qat"]["settings"] = "max"

@@ -18,7 +18,7 @@ from qat.finetune import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "qat"))
-from qat_models import IMGSZ, interrupt_step_at, tiny_run_inputs  # noqa: E402
+from qat_testkit import IMGSZ, interrupt_step_at, tiny_run_inputs  # noqa: E402
 
 FAST = dict(imgsz=IMGSZ, batch_size=2, calib_batches=2, iters_per_epoch=2, device="cpu", workers=0, exist_ok=True)
 
@@ -141,7 +141,7 @@ def test_resume_refuses_a_non_qat_or_damaged_checkpoint_before_writing(tiny, tmp
     opt.yaml beside it (that run's own) is left exactly as it was."""
     import torch
 
-    from qat_models import save_fp32_checkpoint
+    from qat_testkit import save_fp32_checkpoint
     run = tmp_path / "train-run"
     last = save_fp32_checkpoint(run / "weights" / "last.pt")
     (run / "opt.yaml").write_text("epochs: 300\n")

@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
 from models.common import Silence  # noqa: E402
 from models.experimental import load_checkpoint, model_from_checkpoint  # noqa: E402
 from models.yolo import DDetect, DetectionModel, DualDDetect  # noqa: E402
-from utils.cli import ArgumentParser  # noqa: E402
-from utils.general import LOGGER, UserError, file_size, print_args, run_cli  # noqa: E402
+from utils.cli import ArgumentParser, add_trusted_flag, cli_main  # noqa: E402
+from utils.general import LOGGER, UserError, file_size, run_cli  # noqa: E402
 from utils.torch_utils import save_atomic  # noqa: E402
 
 INPUT = "input"  # the image, as a layer source
@@ -187,18 +187,12 @@ def parse_opt(argv=None):
     parser.add_argument("--cfg", type=str, default=None,
                         help="single-head config, e.g. models/detect/gelan-c.yaml (default: from the checkpoint)")
     parser.add_argument("--out", type=str, default=None, help="output file (default: <weights>-converted.pt)")
-    parser.add_argument("--trusted", action="store_true",
-                        help="load a checkpoint that needs globals outside the safe-load allow-list (runs its code)")
+    add_trusted_flag(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    def _main():
-        opt = parse_opt(argv)
-        print_args(vars(opt))
-        return run(**vars(opt))
-
-    return run_cli(_main)
+    return cli_main(parse_opt, run, argv, run_cli)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Command-line helpers shared by every command: argparse value types with ranges, one-line errors.
 
-    from utils.cli import ArgumentParser, nonneg_int, positive_int, probability
+    from utils.cli import ArgumentParser, add_device_arg, add_trusted_flag, cli_main, nonneg_int
     p = ArgumentParser(description=...)
     p.add_argument("--workers", type=nonneg_int, default=8)
+    add_device_arg(p)
+    add_trusted_flag(p)
+    ...
+    def main(argv=None):
+        return cli_main(parse_opt, run, argv, run_cli)  # parse, log the options, run(**options)
 
 A value out of range is refused by argparse itself, before anything is loaded or written, as one
 line `error: argument --workers: -1 is not a whole number >= 0` and exit status 2 (the same form
@@ -10,8 +15,10 @@ as `utils.general.run_cli` gives a UserError). Standard library only: patches/in
 module into an upstream clone together with qat/ and the CLIs that import it.
 """
 import argparse
+import inspect
 import math
 import sys
+from pathlib import Path
 
 MAX_IMGSZ = 8192  # px; beyond this a single image no longer fits in any accelerator's memory
 
@@ -76,3 +83,40 @@ positive_float = float_range(0.0, lo_open=True)  # learning rates, ...
 nonneg_float = float_range(0.0)  # weight decay, loss weights, ...
 imgsz_int = int_range(32, MAX_IMGSZ)  # image sizes (a multiple of the stride is checked with the model)
 opset_int = int_range(13, 23)  # per-channel QuantizeLinear needs 13; torch.onnx (2.x) exports up to 23
+
+
+TRUSTED_HELP = "load a checkpoint that needs globals outside the safe-load allow-list (runs its code)"
+
+
+def add_trusted_flag(parser):
+    """--trusted: every command that reads a checkpoint loads it safely unless the user says otherwise."""
+    parser.add_argument("--trusted", action="store_true", help=TRUSTED_HELP)
+
+
+def add_device_arg(parser, default="cpu", help="cuda device, i.e. 0 or 0,1,2,3 or cpu"):
+    """--device as utils.torch_utils.select_device reads it."""
+    parser.add_argument("--device", default=default, help=help)
+
+
+def cli_main(parse_opt, run, argv, run_cli):
+    """The body of a command's `main(argv)`: parse `argv`, log the options on one line, return
+    `run(**options)`; all of it inside `run_cli` (one-line errors). `run_cli` is passed in because a
+    command installed into an upstream clone takes it from qat.compat (upstream's utils lack it)."""
+    def _main():
+        opt = parse_opt(argv)
+        options = vars(opt)
+        from utils.general import print_args  # imported here: this module stays standard library only
+        if "prefix" in inspect.signature(print_args).parameters:  # ours names the command explicitly
+            print_args(options, prefix=Path(inspect.getfile(run)).stem)
+        else:  # upstream YOLOv9's (in a clone) names the file that calls it: this one, so leave it out
+            print_args(options, show_file=False)
+        return run(**options)
+
+    return run_cli(_main)
+
+
+def newest_file(folder, pattern):
+    """The most recently modified file matching `pattern` under `folder`, or None: the run that
+    `--resume` without a path continues."""
+    files = sorted(Path(folder).glob(pattern), key=lambda f: f.stat().st_mtime)
+    return files[-1] if files else None

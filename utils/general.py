@@ -152,8 +152,10 @@ def yaml_load_mapping(path, hint, flag=""):
 
 
 def yaml_save(path, data):
-    """Save a dict as YAML (Path values written as strings, key order kept)."""
-    with open(path, "w") as f:
+    """Save a dict as YAML (Path values written as strings, key order kept), atomically."""
+    from utils.torch_utils import atomic_output  # (utils.torch_utils imports this module)
+
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in data.items()}, f, sort_keys=False)
 
 

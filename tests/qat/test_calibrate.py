@@ -15,7 +15,7 @@ from qat.modules import NUM_BINS, RangeHistogram, make_input_quantizer
 from qat.compat import UserError
 from qat.quantize import quantize_model, quantizer_summary, unique_quantizers
 from qat.settings import QuantSettings
-from qat_models import fp32_model, images
+from qat_testkit import fp32_model, noise_images
 
 
 def _acts(model):
@@ -23,7 +23,7 @@ def _acts(model):
 
 
 def test_methods_and_tables(tmp_path):
-    batches = [images(2, seed=s) for s in range(3)]
+    batches = [noise_images(2, seed=s) for s in range(3)]
     amax = {}
     for method in ("max", "percentile", "mse", "entropy"):
         s = QuantSettings(calib_method=method, percentile=99.0)
@@ -139,7 +139,7 @@ def test_activation_grid_is_signed():
 def test_auto_candidates_from_one_pass():
     """auto collects once; every rule's amax comes from the kept histograms, and the 'max' candidate
     equals max calibration."""
-    batches = [images(2, seed=s) for s in range(2)]
+    batches = [noise_images(2, seed=s) for s in range(2)]
     s = QuantSettings(calib_method="auto")
     q = quantize_model(fp32_model("gelan-t"), s)
     calibrate(q, batches, s, show=False)
@@ -175,7 +175,7 @@ def _ddp_worker(rank, world, port, out):
         for method in ("max", "percentile"):
             s = QuantSettings(calib_method=method)
             q = quantize_model(fp32_model("gelan-t"), s)
-            batches = [images(2, seed=s_) for s_ in range(4)][rank::world]  # each rank its shard
+            batches = [noise_images(2, seed=s_) for s_ in range(4)][rank::world]  # each rank its shard
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 calibrate(q, batches, s, show=False)
@@ -201,7 +201,7 @@ def test_ddp_merge(tmp_path):
     for method in ("max", "percentile"):
         s = QuantSettings(calib_method=method)
         q = quantize_model(fp32_model("gelan-t"), s)
-        calibrate(q, [images(2, seed=s_) for s_ in range(4)], s, show=False)
+        calibrate(q, [noise_images(2, seed=s_) for s_ in range(4)], s, show=False)
         single, ddp = _acts(q), r0[method]
         assert single.keys() == ddp.keys()
         for k in single:  # max: same images, only the conv arithmetic (1 vs 2 threads) differs

@@ -11,7 +11,7 @@ from qat.compat import UserError
 from qat.finetune import FinetuneOptions, Trainer
 from qat.quantize import quantizer_summary, quantize_model
 from qat.settings import QuantSettings
-from qat_models import fp32_model, images, save_fp32_checkpoint
+from qat_testkit import fp32_model, noise_images, save_fp32_checkpoint
 
 
 def _outputs(model, x):
@@ -34,11 +34,11 @@ def _outputs(model, x):
 def test_round_trip_identical_outputs(cfg, settings, tmp_path):
     fp32 = fp32_model(cfg)
     q = quantize_model(fp32_model(cfg), settings)
-    calibrate(q, [images(2, seed=3)], settings, show=False)
+    calibrate(q, [noise_images(2, seed=3)], settings, show=False)
     fp32.hyp = q.hyp = {}
     trainer = Trainer(q, fp32, FinetuneOptions(lr=3e-3))  # big steps: some weights leave their range
     for s in range(2):
-        trainer.step(((images(2, seed=s) * 255).to(torch.uint8),), 3e-3)
+        trainer.step(((noise_images(2, seed=s) * 255).to(torch.uint8),), 3e-3)
     trainer.close()  # the saved model must not depend on hooks being gone: save_qat strips them anyway
     f = save_qat(tmp_path / "qat.pt", q, settings, {"epoch": 3, "opt": {"weights": tmp_path / "w.pt"}})
 
@@ -49,7 +49,7 @@ def test_round_trip_identical_outputs(cfg, settings, tmp_path):
 
     loaded, s2, _ = load_qat(f)
     assert s2 == settings
-    x = images(2, seed=9)
+    x = noise_images(2, seed=9)
     for a, b in zip(_outputs(q, x), _outputs(loaded, x)):
         assert torch.equal(a, b)
     rows = {r["name"]: r for r in quantizer_summary(q)}
@@ -71,7 +71,7 @@ def test_quantizer_disabled_by_calibration_comes_back_disabled(tmp_path):
     from qat.quantize import unique_quantizers
 
     q = quantize_model(fp32_model("gelan-t"), QuantSettings())
-    calibrate(q, [images(2, seed=3)], QuantSettings(), show=False)
+    calibrate(q, [noise_images(2, seed=3)], QuantSettings(), show=False)
     name, quantizer, _ = next(u for u in unique_quantizers(q) if u[0].endswith("input_quantizer"))
     quantizer.reset_amax()  # what calibrate leaves for a quantizer that saw no data: disabled, no amax
     quantizer.disable()
@@ -79,7 +79,7 @@ def test_quantizer_disabled_by_calibration_comes_back_disabled(tmp_path):
     loaded, _, _ = load_qat(f)
     after = dict((n, qq) for n, qq, _ in unique_quantizers(loaded))
     assert after[name]._disabled and after[name].amax is None
-    x = images(2, seed=9)
+    x = noise_images(2, seed=9)
     for a, b in zip(_outputs(q, x), _outputs(loaded, x)):
         assert torch.equal(a, b)
     export_qat_onnx(loaded, tmp_path / "ok.onnx", imgsz=64)  # exports: the point stays float
@@ -125,7 +125,7 @@ def test_damaged_qat_entry_is_one_line(tmp_path):
     from export_qat import load_for_export
 
     q = quantize_model(fp32_model("gelan-t"), QuantSettings())
-    calibrate(q, [images(2, seed=3)], show=False)
+    calibrate(q, [noise_images(2, seed=3)], show=False)
     good = save_qat(tmp_path / "good.pt", q, QuantSettings())
     for i, (damage, message) in enumerate(_damaged_cases()):
         ckpt = load_checkpoint(good)

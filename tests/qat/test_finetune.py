@@ -10,7 +10,7 @@ from qat.finetune import (FinetuneOptions, HeadIO, LayerOutputs, Trainer, block_
                           finetune, kd_loss, learning_rate, supervised_layers)
 from qat.quantize import quantize_model
 from qat.settings import QuantSettings
-from qat_models import IMGSZ, fp32_model, images, interrupt_step_at
+from qat_testkit import IMGSZ, fp32_model, interrupt_step_at, noise_images
 
 HYP = {"box": 7.5, "cls": 0.5, "dfl": 1.5, "cls_pw": 1.0}
 
@@ -18,13 +18,13 @@ HYP = {"box": 7.5, "cls": 0.5, "dfl": 1.5, "cls_pw": 1.0}
 def _pair(cfg="gelan-t", weight_bits=8):
     fp32 = fp32_model(cfg)
     q = quantize_model(fp32_model(cfg), QuantSettings(weight_bits=weight_bits))
-    calibrate(q, [images(4, seed=3)], show=False)
+    calibrate(q, [noise_images(4, seed=3)], show=False)
     fp32.hyp = q.hyp = dict(HYP)
     return q, fp32
 
 
 def _batch(seed=0, n=2):
-    imgs = (images(n, seed=seed) * 255).to(torch.uint8)
+    imgs = (noise_images(n, seed=seed) * 255).to(torch.uint8)
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.3, 0.6, 0.2, 0.2]])
     return imgs, targets, [f"im{i}.jpg" for i in range(n)], None
 

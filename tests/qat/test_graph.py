@@ -147,11 +147,9 @@ def test_dual_head_and_cbfuse_exports(cfg, tmp_path):
     from qat.calibrate import calibrate
     from qat.export import export_qat_onnx
     from qat.quantize import quantize_model
-    from qat_models import fp32_model
-    from qat_models import images as model_images
 
-    q = quantize_model(fp32_model(cfg), QuantSettings())
-    calibrate(q, [model_images(2, seed=3)], QuantSettings(), show=False)
+    q = quantize_model(kit.fp32_model(cfg), QuantSettings())
+    calibrate(q, [kit.noise_images(2, seed=3)], QuantSettings(), show=False)
     path = export_qat_onnx(q, tmp_path / f"{cfg}.onnx", 64)
     assert lint(path) == []
     classes = scale_classes(import_graph(path))

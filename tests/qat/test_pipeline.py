@@ -10,7 +10,7 @@ from qat.evaluation import selection_split
 from qat.pipeline import choose_calibration
 from qat.quantize import quantize_model, quantizer_summary
 from qat.settings import QuantSettings
-from qat_models import fp32_model, images
+from qat_testkit import fp32_model, noise_images
 
 
 def _opt(**kw):
@@ -46,7 +46,7 @@ def test_auto_calibration_picks_the_best_candidate_on_the_selection_split(tmp_pa
     """The candidate with the highest selection mAP50-95 is loaded and named in the settings."""
     s = QuantSettings(calib_method="auto")
     q = quantize_model(fp32_model("gelan-t"), s)
-    calibrate(q, [images(2, seed=i) for i in range(2)], s, show=False)
+    calibrate(q, [noise_images(2, seed=i) for i in range(2)], s, show=False)
     amaxes = candidate_amaxes(q)
     others = [c for c in amaxes if c != "entropy"]
     first = next(k for k, v in amaxes["entropy"].items()  # a quantizer where entropy's amax is its own

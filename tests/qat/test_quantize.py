@@ -11,7 +11,7 @@ from qat.modules import QuantConv2d, QuantMixin, is_quantizer
 from qat.quantize import (clamp_weights_to_range, float_copy, is_quantized, quantize_model, quantizer_summary,
                           set_quant_enabled)
 from qat.settings import QuantSettings
-from qat_models import fp32_model, images, unfused_model
+from qat_testkit import fp32_model, noise_images, unfused_model
 
 
 def _layer_outputs(model, x):
@@ -34,8 +34,8 @@ def _layer_outputs(model, x):
 def test_fake_quant_close_to_fp32(cfg):
     fp32 = fp32_model(cfg)
     q = quantize_model(fp32_model(cfg), QuantSettings())
-    calibrate(q, [images(4, seed=3)], show=False)
-    x = images(2, seed=4)  # other images than calibration
+    calibrate(q, [noise_images(4, seed=3)], show=False)
+    x = noise_images(2, seed=4)  # other images than calibration
     a, b = _layer_outputs(fp32, x), _layer_outputs(q, x)
     for i in a:
         rel = float((a[i] - b[i]).norm() / a[i].norm().clamp(min=1e-12))
@@ -55,7 +55,7 @@ def test_unfused_model_is_fused_and_double_quantize_refused():
 
 def test_weight_bits_7_grid():
     q = quantize_model(fp32_model("gelan-t"), QuantSettings(weight_bits=7))
-    calibrate(q, [images(2)], show=False)
+    calibrate(q, [noise_images(2)], show=False)
     assert {r["bits"] for r in quantizer_summary(q) if r["kind"] == "weight"} == {7}
     conv = q.model[3].cv1.conv
     wq = conv.weight_quantizer
@@ -90,12 +90,12 @@ def test_export_int8_qdq_weights(tmp_path, bits=7):
     import onnxruntime as ort
 
     q = quantize_model(fp32_model("gelan-t"), QuantSettings(weight_bits=bits))
-    calibrate(q, [images(2)], show=False)
+    calibrate(q, [noise_images(2)], show=False)
     q.eval()
     clamp_weights_to_range(q)
     head = q.model[-1]
     head.export = True
-    x = images(1, seed=5)
+    x = noise_images(1, seed=5)
     f = tmp_path / "q.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -113,11 +113,11 @@ def test_export_int8_qdq_weights(tmp_path, bits=7):
 def test_float_copy_is_plain():
     fp32 = fp32_model("gelan-t")
     q = quantize_model(fp32_model("gelan-t"), QuantSettings())
-    calibrate(q, [images(2)], show=False)
+    calibrate(q, [noise_images(2)], show=False)
     f = float_copy(q)
     assert not any(is_quantizer(m) or isinstance(m, QuantMixin) for m in f.modules()) and not hasattr(f, "qat")
     assert {type(m) for m in f.modules()} == {type(m) for m in fp32.modules()}
-    x = images(1)
+    x = noise_images(1)
     with torch.no_grad():
         assert torch.equal(f.eval()(x)[0], fp32.eval()(x)[0])  # calibrated on these weights: nothing clipped
     assert is_quantized(q)  # the original is untouched

@@ -18,7 +18,7 @@ from qat.modules import QuantConv2d, QuantUpsample, WeightQuantizer
 from qat.quantize import quantize_model, quantizer_summary
 from qat.rules import quantizer_slots, shared_groups
 from qat.settings import QuantSettings
-from qat_models import NC, fp32_model, images
+from qat_testkit import NC, fp32_model, noise_images
 
 warnings.filterwarnings("ignore", message=".*histogram.*")
 
@@ -111,7 +111,7 @@ def test_groups_share_one_quantizer(cfg):
             assert m.input_quantizer.axis is None and m.weight_quantizer.axis == 0
             assert isinstance(m.weight_quantizer, WeightQuantizer)
 
-    calibrate(model, [images(1)], show=False)
+    calibrate(model, [noise_images(1)], show=False)
     rows = quantizer_summary(model)
     amax = {n: r["amax"] for r in rows for n in r["members"]}
     for g in groups:  # identical amax for all members, and every enabled activation quantizer calibrated
@@ -124,7 +124,7 @@ def test_group_amax_is_the_max_over_its_tensors():
     RepNCSPELAN4 concat: cv4's input) measured on the FP32 model."""
     fp32 = fp32_model("gelan-t")
     q = quantize_model(fp32_model("gelan-t"), QuantSettings())
-    x = images(2)
+    x = noise_images(2)
     seen = {}
     h = fp32.model[4].cv4.conv.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].abs().max()))
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_users_own_yaml():
     assert L[10].pool_quantizer is L[10].cv2.conv.input_quantizer is L[10].maxpool_quantizer
     assert L[10].pool_quantizer is not shared and L[9].cat_quantizer is not shared
     assert L[9].cat_quantizer is L[9].cv4.conv.input_quantizer
-    calibrate(q, [images(1)], show=False)
+    calibrate(q, [noise_images(1)], show=False)
 
 
 def test_no_last_layer_and_skip_layers():
@@ -177,7 +177,7 @@ def test_no_last_layer_and_skip_layers():
     assert q.model[10].input_quantizer is q.model[11].input_quantizer is q.model[20].input_quantizer
     assert not q.model[10].input_quantizer._disabled
     assert q.model[12].cv1.conv.input_quantizer is not q.model[10].input_quantizer
-    calibrate(q, [images(1)], show=False)
+    calibrate(q, [noise_images(1)], show=False)
     assert all(quantizer.amax is None for name, _, _, quantizer in quantizer_slots(q) if name.startswith(head))
 
 

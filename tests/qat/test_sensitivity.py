@@ -6,7 +6,7 @@ from qat.quantize import quantize_model
 from qat.rules import quantizer_slots
 from qat.sensitivity import auto_skip, layer_sensitivity, layers_in_float, quantized_layers, skip_regex
 from qat.settings import QuantSettings
-from qat_models import fp32_model
+from qat_testkit import fp32_model
 
 
 def _enabled(model, prefix):

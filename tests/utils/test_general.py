@@ -176,6 +176,17 @@ def test_yaml_round_trip(tmp_path):
     assert list(yaml_load(f)) == ["b", "a", "names"]
 
 
+def test_yaml_save_on_a_full_disk_keeps_the_old_file(tmp_path, fill_disk, monkeypatch):
+    """opt.yaml / hyp.yaml go through the atomic writer: a failed save leaves the previous file whole."""
+    f = tmp_path / "opt.yaml"
+    yaml_save(f, {"epochs": 1})
+    fill_disk()
+    with pytest.raises(UserError, match="disk full"):
+        yaml_save(f, {"epochs": 2, "names": ["x"] * 1000})
+    monkeypatch.undo()
+    assert yaml_load(f) == {"epochs": 1} and [p.name for p in tmp_path.iterdir()] == ["opt.yaml"]
+
+
 # ---------------------------------------------------------------------------------------------
 # check_dataset
 def _dataset(tmp_path, body):

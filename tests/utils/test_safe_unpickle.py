@@ -9,7 +9,7 @@ import torch
 
 from models import yolo
 from models.experimental import load_checkpoint
-from tests.qat.qat_models import fp32_model, images, small_cfg
+from tests.qat.qat_testkit import fp32_model, noise_images, small_cfg
 from utils.general import UserError
 from utils.safe_unpickle import strip_fused_forward
 
@@ -53,18 +53,18 @@ def test_file_cannot_construct_a_model_class_with_its_own_arguments(tmp_path, co
 
 
 def test_models_are_assembled_without_init_and_predict_the_same(tmp_path, constructions):
-    model = fp32_model()
+    model = fp32_model("gelan-t")
     torch.save({"model": model, "ema": None}, tmp_path / "m.pt")
     constructions.clear()
     loaded = load_checkpoint(tmp_path / "m.pt")["model"]
     assert constructions == [] and type(loaded) is yolo.DetectionModel
-    x = images(2)
+    x = noise_images(2)
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model(x)[0])
 
 
 def test_upstream_fused_forward_bindings_load_and_others_are_refused(tmp_path):
-    model = fp32_model()
+    model = fp32_model("gelan-t")
     convs = [m for m in model.modules() if hasattr(type(m), "forward_fuse")]
     for m in convs:
         m.forward = m.forward_fuse  # what upstream's fuse() does on every instance: pickles as getattr
@@ -87,7 +87,7 @@ def test_upstream_fused_forward_bindings_load_and_others_are_refused(tmp_path):
 
 
 def test_stripped_bindings_are_restored_after_loading(tmp_path):
-    model = fp32_model()
+    model = fp32_model("gelan-t")
     convs = [m for m in model.modules() if hasattr(type(m), "forward_fuse")]
     for m in convs:
         m.forward = m.forward_fuse

@@ -2,30 +2,18 @@
 temporary file left, and a completed save gets the usual file mode (not mkstemp's 0600)."""
 import os
 import stat
-import tempfile
 
 import pytest
 import torch
 
-from utils import torch_utils
 from utils.general import UserError
 from utils.torch_utils import save_atomic
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
-def test_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+def test_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, fill_disk, monkeypatch):
     f = tmp_path / "last.pt"
     save_atomic({"epoch": 1}, f)
-    real_mkstemp = tempfile.mkstemp
-
-    def full_disk_mkstemp(*a, **k):  # the temporary name leads to /dev/full: every write fails with ENOSPC
-        fd, name = real_mkstemp(*a, **k)
-        os.close(fd)
-        os.unlink(name)
-        os.symlink("/dev/full", name)
-        return os.open(name, os.O_WRONLY), name
-
-    monkeypatch.setattr(torch_utils.tempfile, "mkstemp", full_disk_mkstemp)
+    fill_disk()
     with pytest.raises(UserError, match=r"cannot write .*last.pt: .*disk full.*the old last.pt is unchanged") as e:
         save_atomic({"epoch": 2, "w": torch.zeros(100_000)}, f)
     assert "\n" not in str(e.value)
