@@ -408,6 +408,40 @@ def load_manifest(target):
         raise InstallError(f"{p} is damaged; restore train.py from train.py{BACKUP_SUFFIX} and delete {MANIFEST}")
 
 
+def plan_hooks(target, old, writes):
+    """The train.py hooks of an install: {file: its manifest record}; the patched text (and, the first
+    time, the backup of the original) go into `writes`. `old`: the earlier install's manifest, or None."""
+    patched = {}
+    for fname in HOOKS:
+        path, backup = target / fname, target / (fname + BACKUP_SUFFIX)
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+        rec = old["patched"].get(fname) if old else None
+        if rec and sha256(raw) == rec["original_sha256"] and backup.is_file() and backup.read_bytes() == raw:
+            base, original_sha = text, rec["original_sha256"]  # an install cut short before the patch step
+        elif rec:
+            base = remove_blocks(text, rec["blocks"])
+            if base is None:
+                raise InstallError(f"{fname} was edited since install and its --qat hook is no longer intact; "
+                                   f"run --uninstall --force (restores {backup.name}), then install again")
+            original_sha = rec["original_sha256"]
+        else:
+            if MARK in text:
+                raise InstallError(f"{fname} already carries a yolov9-qat hook but {MANIFEST} does not record it; "
+                                   f"restore the original {fname} (e.g. git checkout {fname}) and rerun")
+            if backup.exists() and backup.read_bytes() != raw:
+                raise InstallError(f"{backup} exists from an earlier install; restore or delete it and rerun")
+            if not backup.exists():
+                writes[backup.name] = raw
+            base, original_sha = text, sha256(raw)
+        new, blocks = patched_text(base, fname)
+        if new != text:
+            writes[fname] = new.encode("utf-8")
+        patched[fname] = dict(backup=backup.name, original_sha256=original_sha, blocks=blocks,
+                              sha256=sha256(new.encode("utf-8")))
+    return patched
+
+
 def plan_install(target, force=False):
     """Everything install would do, computed before anything is written: (writes, deletes, manifest).
     `writes` maps paths relative to `target` to their new bytes."""
@@ -449,34 +483,7 @@ def plan_install(target, force=False):
                                    f"rerun with --force to remove it")
             deletes.append(f)
 
-    patched = {}
-    for fname in HOOKS:
-        path, backup = target / fname, target / (fname + BACKUP_SUFFIX)
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
-        rec = old["patched"].get(fname) if old else None
-        if rec and sha256(raw) == rec["original_sha256"] and backup.is_file() and backup.read_bytes() == raw:
-            base, original_sha = text, rec["original_sha256"]  # an install cut short before the patch step
-        elif rec:
-            base = remove_blocks(text, rec["blocks"])
-            if base is None:
-                raise InstallError(f"{fname} was edited since install and its --qat hook is no longer intact; "
-                                   f"run --uninstall --force (restores {backup.name}), then install again")
-            original_sha = rec["original_sha256"]
-        else:
-            if MARK in text:
-                raise InstallError(f"{fname} already carries a yolov9-qat hook but {MANIFEST} does not record it; "
-                                   f"restore the original {fname} (e.g. git checkout {fname}) and rerun")
-            if backup.exists() and backup.read_bytes() != raw:
-                raise InstallError(f"{backup} exists from an earlier install; restore or delete it and rerun")
-            if not backup.exists():
-                writes[backup.name] = raw
-            base, original_sha = text, sha256(raw)
-        new, blocks = patched_text(base, fname)
-        if new != text:
-            writes[fname] = new.encode("utf-8")
-        patched[fname] = dict(backup=backup.name, original_sha256=original_sha, blocks=blocks,
-                              sha256=sha256(new.encode("utf-8")))
+    patched = plan_hooks(target, old, writes)
 
     created = set(old.get("dirs", [])) if old else set()
     for f in files:

@@ -59,31 +59,10 @@ def _fmt_scale(s):
     return f"{s[0]:.6g}" if s.size == 1 else f"[{s.size} values]"
 
 
-def lint(onnx_path, float_layers=None, expect_qdq=True):
-    """Return the list of violations (empty when the file follows every rule).
-
-    Which convolutions run in float is read from the graph (no Q/DQ on input and weight), never from
-    the file's metadata (the exporter's own claim). float_layers: when given (a list of regexes,
-    re.search on module names, e.g. from the checkpoint's settings), the float convolutions of the
-    graph must be exactly those: [] means every convolution must be INT8. None: no such comparison;
-    a convolution quantized on only one of input and weight is always a violation."""
-    model = load_model(onnx_path)
-    patterns = None if float_layers is None else list(float_layers)
-    for p in patterns or []:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise UserError(f"float layer pattern '{p}' is not a valid regular expression ({e})") from None
-    graph = import_graph(model)
+def _zero_point_violations(nodes):
+    """Zero points: int8, all zero (TensorRT: symmetric signed INT8)."""
     v = []
-
-    qs = [n for n in graph.nodes if n.op == "QuantizeLinear"]
-    dqs = [n for n in graph.nodes if n.op == "DequantizeLinear"]
-    if not qs and not dqs:
-        return ["no QuantizeLinear/DequantizeLinear nodes: a float model, not a QAT export"] if expect_qdq else []
-
-    # zero points: int8, all zero (TensorRT: symmetric signed INT8)
-    for n in qs + dqs:
+    for n in nodes:
         zp = n.inputs[2] if len(n.inputs) > 2 else None
         vals = getattr(zp, "values", None)
         if zp is None or vals is None:
@@ -93,9 +72,13 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
         if vals.dtype != np.int8 or np.any(vals != 0):
             v.append(f"{n.name}: zero point {vals.dtype} {vals.reshape(-1)[:4].tolist()}; "
                      f"TensorRT needs int8 zero point 0 (symmetric)")
+    return v
 
-    # pairs: scales, axes, dangling Q / DQ
-    pairs = find_pairs(graph)
+
+def _pair_violations(pairs, qs, dqs):
+    """Q/DQ pairs: matching positive scales, per-channel weights on axis 0, per-tensor activations; no
+    dangling Q or DQ."""
+    v = []
     paired_q = {id(p.q) for p in pairs}
     paired_dq = {id(p.dq) for p in pairs}
     for n in qs:
@@ -122,17 +105,12 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
                              f"expected {w.shape[0]} on axis 0 (per output channel)")
         elif s_q.size != 1:
             v.append(f"{p.name}: activation scale has {s_q.size} values; activations are per-tensor")
+    return v
 
-    # one scale per group
-    for c in scale_classes(graph, pairs):
-        if not c.agrees():
-            where = f" at {', '.join(c.ops[:3])}" if c.ops else ""
-            members = ", ".join(f"{p.name} (amax {p.amax:.6g})" for p in c.pairs[:6])
-            more = f" and {len(c.pairs) - 6} more" if len(c.pairs) > 6 else ""
-            v.append(f"scale mismatch in a shared group{where}: {members}{more}; run qat.graph.postprocess "
-                     f"or train with the qat rules")
 
-    # float convolutions, from the graph; compared with the expected ones when given
+def _float_conv_violations(graph, patterns):
+    """Float convolutions, read from the graph; compared with the expected ones (`patterns`) when given."""
+    v = []
     for n in graph.nodes:
         if n.op != "Conv" or matches(module_name(n), ALWAYS_FLOAT):
             continue
@@ -146,6 +124,45 @@ def lint(onnx_path, float_layers=None, expect_qdq=True):
         elif patterns is not None and not matches(name, patterns) and not q_in:
             v.append(f"{n.name}: convolution {name} runs in float (no Q/DQ on input and weight) but is not "
                      f"one of the float layers {patterns}")
+    return v
+
+
+def lint(onnx_path, float_layers=None, expect_qdq=True):
+    """Return the list of violations (empty when the file follows every rule).
+
+    Which convolutions run in float is read from the graph (no Q/DQ on input and weight), never from
+    the file's metadata (the exporter's own claim). float_layers: when given (a list of regexes,
+    re.search on module names, e.g. from the checkpoint's settings), the float convolutions of the
+    graph must be exactly those: [] means every convolution must be INT8. None: no such comparison;
+    a convolution quantized on only one of input and weight is always a violation."""
+    model = load_model(onnx_path)
+    patterns = None if float_layers is None else list(float_layers)
+    for p in patterns or []:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise UserError(f"float layer pattern '{p}' is not a valid regular expression ({e})") from None
+    graph = import_graph(model)
+    v = []
+
+    qs = [n for n in graph.nodes if n.op == "QuantizeLinear"]
+    dqs = [n for n in graph.nodes if n.op == "DequantizeLinear"]
+    if not qs and not dqs:
+        return ["no QuantizeLinear/DequantizeLinear nodes: a float model, not a QAT export"] if expect_qdq else []
+
+    pairs = find_pairs(graph)
+    v += _zero_point_violations(qs + dqs) + _pair_violations(pairs, qs, dqs)
+
+    # one scale per group
+    for c in scale_classes(graph, pairs):
+        if not c.agrees():
+            where = f" at {', '.join(c.ops[:3])}" if c.ops else ""
+            members = ", ".join(f"{p.name} (amax {p.amax:.6g})" for p in c.pairs[:6])
+            more = f" and {len(c.pairs) - 6} more" if len(c.pairs) > 6 else ""
+            v.append(f"scale mismatch in a shared group{where}: {members}{more}; run qat.graph.postprocess "
+                     f"or train with the qat rules")
+
+    v += _float_conv_violations(graph, patterns)
 
     # residual Adds follow the file's --residual-quant placement
     v += _residual_violations(graph, metadata(model).get("residual_quant") or "both", patterns)

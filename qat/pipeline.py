@@ -113,11 +113,44 @@ def resume_options(opt):
     return opt, resume
 
 
+def _run_dir(opt):
+    """The run folder: the resumed run's, else a new project/name chosen by rank 0 for all ranks."""
+    if getattr(opt, "save_dir", None):
+        return Path(opt.save_dir)
+    fresh = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)) if is_main_rank() else None
+    return Path(broadcast(fresh))
+
+
+def _fp32_model(opt, model, device):
+    """(fused FP32 eval model, its checkpoint's opt): --weights, or the model train.py --qat built."""
+    if model is None:
+        return load_fp32(opt.weights, device, opt.trusted)
+    fp32 = deepcopy(model).float().to(device)
+    if hasattr(fp32, "fuse"):
+        with torch.no_grad():  # upstream's fuse_conv_and_bn copy_()s into new weights: no graph to them
+            fp32.fuse()
+    return fp32.eval(), {}
+
+
+def _resumed_state(resume, device, opt):
+    """--resume: (quantized model, settings, val rows, selection rows, the finetune loop's state)
+    from qat_last.pt."""
+    from qat.checkpoint import load_qat
+
+    qmodel, settings, ckpt = load_qat(resume, device, trusted=opt.trusted)
+    if int(ckpt.get("epoch", 0)) >= opt.epochs and not ckpt.get("iteration"):
+        raise UserError(f"--resume {resume}: that run already finished its {opt.epochs} epochs")
+    LOGGER.info(f"{colorstr('resume: ')}{resume} at epoch {ckpt.get('epoch')}, iteration {ckpt.get('iteration')}")
+    rows = {k: v for k, v in (ckpt.get("rows") or {}).items() if k != "QAT"}
+    state = {k: ckpt.get(k) for k in ("epoch", "iteration", "optimizer", "best_fitness", "history")}
+    return qmodel, settings, rows, dict(ckpt.get("select_rows") or {}), state
+
+
 def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     """Run the QAT pipeline with `opt` (train_qat.py's options). `model`: an FP32 model to start
     from instead of --weights (train.py --qat); `data_dict`: an already checked data dict.
     Returns {'save_dir', 'rows', 'history', 'best', 'last', 'settings', 'model'}."""
-    from qat.checkpoint import load_qat, save_qat
+    from qat.checkpoint import save_qat
     from qat.finetune import finetune
     from utils.torch_utils import select_device
 
@@ -129,23 +162,12 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     device = device or select_device(opt.device, batch_size=opt.batch_size)
     init_seeds(opt.seed + 1 + RANK)
 
-    if getattr(opt, "save_dir", None):
-        save_dir = Path(opt.save_dir)
-    else:
-        fresh = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)) if main else None
-        save_dir = Path(broadcast(fresh))  # one run folder for all ranks, chosen by rank 0
+    save_dir = _run_dir(opt)
     opt.save_dir = str(save_dir)
     wdir = save_dir / "weights"
 
     data = data_dict or load_data(opt.data)
-    if model is None:
-        fp32, ckpt_opt = load_fp32(opt.weights, device, opt.trusted)
-    else:
-        fp32, ckpt_opt = deepcopy(model).float().to(device), {}
-        if hasattr(fp32, "fuse"):
-            with torch.no_grad():  # upstream's fuse_conv_and_bn copy_()s into new weights: no graph to them
-                fp32.fuse()
-        fp32.eval()
+    fp32, ckpt_opt = _fp32_model(opt, model, device)
     check_nc(fp32, data, opt.weights or "the model", opt.data if isinstance(opt.data, str) else "the data")
     stride = max(int(max(fp32.stride)), 32)
     imgsz = check_img_size(int(opt.imgsz or ckpt_opt.get("imgsz") or 640), stride)
@@ -170,15 +192,8 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
 
     rows, select_rows, history, fopts = {}, {}, [], finetune_options(opt, save_dir, settings)
     if resume is not None:
-        qmodel, settings, ckpt = load_qat(resume, device, trusted=opt.trusted)
+        qmodel, settings, rows, select_rows, fopts.resume = _resumed_state(resume, device, opt)
         fopts.settings = settings
-        rows = {k: v for k, v in (ckpt.get("rows") or {}).items() if k != "QAT"}
-        select_rows = dict(ckpt.get("select_rows") or {})
-        fopts.resume = {k: ckpt.get(k) for k in ("epoch", "iteration", "optimizer", "best_fitness", "history")}
-        if int(ckpt.get("epoch", 0)) >= opt.epochs and not ckpt.get("iteration"):
-            raise UserError(f"--resume {resume}: that run already finished its {opt.epochs} epochs")
-        LOGGER.info(f"{colorstr('resume: ')}{resume} at epoch {ckpt.get('epoch')}, iteration {ckpt.get('iteration')}")
-        del ckpt
     else:
         qmodel, settings = _post_training_quantization(opt, fp32, settings, calib_loader, device, save_dir,
                                                        evaluate, select_fn, rows, select_rows)
