@@ -5,6 +5,11 @@ are upstream's own modules. Those lack `UserError`, `run_cli`, `atomic_output`/`
 checkpoint loader, so qat/ code imports these names from here, never from `utils.*` / `models.*`
 directly. In this repository they are our own objects (so `run_cli` catches `UserError` raised
 anywhere); in an upstream clone the fallbacks below stand in, built on upstream's model classes.
+
+The fallbacks repeat, on purpose, what utils/torch_utils.py (atomic_output), utils/dataloaders.py
+(list_image_files) and models/experimental.py (load_checkpoint, attempt_load) do: in a clone those
+files are upstream's and lack them, and copying ours over would change upstream's own code. So
+`duplicates` lists these pairs; keep each fallback in step with the original it names.
 """
 import os
 import sys
@@ -64,7 +69,7 @@ except ImportError:  # upstream YOLOv9 clone: the same contract as ours (see uti
         return Path(path)
 
 try:  # upstream has init_seeds in utils.general, we have it in utils.torch_utils
-    from utils.torch_utils import init_seeds
+    from utils.torch_utils import init_seeds  # noqa: F401
 except ImportError:
     from utils.general import init_seeds  # noqa: F401
 
