@@ -19,9 +19,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.experimental import attempt_load  # noqa: E402
-from utils.cli import (ArgumentParser, add_device_arg, add_trusted_flag, cli_main, imgsz_int, opset_int,  # noqa: E402
-                       positive_int)
-from utils.general import LOGGER, UserError, check_img_size, colorstr, file_size, run_cli  # noqa: E402
+from utils.cli import ArgumentParser, add_export_args, add_trusted_flag, cli_main  # noqa: E402
+from utils.general import LOGGER, check_img_size, colorstr, file_size, run_cli  # noqa: E402
 from utils.torch_utils import atomic_output, select_device  # noqa: E402
 
 def export_onnx(model, path, imgsz, batch_size=1, dynamic=False, opset=17, simplify=False):
@@ -39,15 +38,9 @@ def export_onnx(model, path, imgsz, batch_size=1, dynamic=False, opset=17, simpl
 
 def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=False, device="cpu", trusted=False):
     """Load `weights`, fuse, export `<weights stem>.onnx` beside them. Returns the ONNX path."""
-    imgsz = list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz]
-    if len(imgsz) not in (1, 2):
-        raise UserError(f"--imgsz takes one size or two (h w), got {len(imgsz)}")
-    imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1")
-    weights = Path(weights)
-    if weights.suffix.lower() == ".onnx":
-        raise UserError(f"--weights {weights} is already ONNX; pass the PyTorch checkpoint (.pt)")
+    from qat.export import check_export_request
+
+    weights, imgsz = check_export_request(weights, imgsz, batch_size)
     dev = select_device(device)
     model = attempt_load(weights, device=dev, fuse=True, trusted=trusted)
     imgsz = check_img_size(imgsz, s=int(max(model.stride)))
@@ -62,19 +55,12 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
 
 def parse_opt(argv=None):
     parser = ArgumentParser(description="Export a YOLOv9 checkpoint to FP32 ONNX (written beside the weights)")
-    parser.add_argument("--weights", type=str, required=True, help="model checkpoint (.pt)")
-    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=imgsz_int, default=[640], help="image (h, w)")
-    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size")
-    parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width axes")
-    parser.add_argument("--opset", type=opset_int, default=17, help="ONNX opset version")
-    parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
-    add_device_arg(parser)
+    add_export_args(parser, weights_help="model checkpoint (.pt)")
     add_trusted_flag(parser)
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    return cli_main(parse_opt, run, argv, run_cli)
+main = cli_main(parse_opt, run, run_cli)  # main(argv=None)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from qat.compat import UserError, atomic_output, run_cli  # noqa: E402  (installed into upstream clones too: see patches/README.md)
-from utils.cli import (ArgumentParser, add_device_arg, add_trusted_flag, cli_main, imgsz_int, opset_int,  # noqa: E402
-                       positive_int, probability)
+from utils.cli import (ArgumentParser, add_export_args, add_trusted_flag, cli_main, positive_int,  # noqa: E402
+                       probability)
 from utils.general import LOGGER, check_img_size, colorstr, file_size  # noqa: E402
 
 
@@ -109,20 +109,12 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
     """Export; returns a dict: path, qat, size_mb, qdq counts, graph report, lint violations, and one
     entry per extra --include kind (the TensorRT-side files under 'deploy')."""
     from qat.deploy import tensorrt_available
-    from qat.export import export_qat_onnx, float_layers
+    from qat.export import check_export_request, export_qat_onnx, float_layers
     from qat.graph import format_report, postprocess, qdq_counts
     from qat.lint import lint, summary
     from utils.torch_utils import select_device
 
-    weights = Path(weights)
-    if weights.suffix.lower() == ".onnx":
-        raise UserError(f"--weights {weights} is already ONNX; pass the PyTorch checkpoint (.pt)")
-    imgsz = list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz]
-    if len(imgsz) not in (1, 2):
-        raise UserError(f"--imgsz takes one size or two (h w), got {len(imgsz)}")
-    imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    weights, imgsz = check_export_request(weights, imgsz, batch_size)
     include = [k.lower() for k in (include or ["onnx"])]
     unknown = [k for k in include if k != "onnx" and k not in WRITERS]
     if unknown:
@@ -179,13 +171,8 @@ def run(weights, imgsz=(640,), batch_size=1, dynamic=False, opset=17, simplify=F
 def parse_opt(argv=None):
     parser = ArgumentParser(description="Export a QAT checkpoint to Q/DQ ONNX (a plain one to FP32 ONNX), "
                                                  "written beside the weights")
-    parser.add_argument("--weights", type=str, required=True, help="QAT (or plain) checkpoint (.pt)")
-    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=imgsz_int, default=[640], help="image (h, w)")
-    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size")
-    parser.add_argument("--dynamic", action="store_true", help="dynamic batch (and h/w without --end2end)")
-    parser.add_argument("--opset", type=opset_int, default=17, help="ONNX opset version (>= 13)")
-    parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
-    add_device_arg(parser)
+    add_export_args(parser, weights_help="QAT (or plain) checkpoint (.pt)",
+                    dynamic_help="dynamic batch (and h/w without --end2end)")
     parser.add_argument("--no-last-layer", action="store_true", help="export the detection head without Q/DQ")
     parser.add_argument("--end2end", action="store_true", help="NMS inside the graph (writes <weights>-end2end.onnx)")
     parser.add_argument("--nms", default="auto", choices=("auto", "tensorrt", "onnx"),
@@ -210,8 +197,7 @@ def parse_opt(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    return cli_main(parse_opt, run, argv, run_cli)
+main = cli_main(parse_opt, run, run_cli)  # main(argv=None)
 
 
 if __name__ == "__main__":

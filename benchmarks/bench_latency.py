@@ -401,8 +401,7 @@ def parse_opt(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    return cli_main(parse_opt, run, argv, run_cli)
+main = cli_main(parse_opt, run, run_cli)  # main(argv=None)
 
 
 if __name__ == "__main__":

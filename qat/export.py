@@ -37,6 +37,19 @@ from qat.compat import UserError
 NMS_KINDS = ("onnx", "tensorrt")
 
 
+def check_export_request(weights, imgsz, batch_size):
+    """export.py's and export_qat.py's checks before anything is loaded -> (weights Path, [h, w])."""
+    weights = Path(weights)
+    if weights.suffix.lower() == ".onnx":
+        raise UserError(f"--weights {weights} is already ONNX; pass the PyTorch checkpoint (.pt)")
+    imgsz = list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz]
+    if len(imgsz) not in (1, 2):
+        raise UserError(f"--imgsz takes one size or two (h w), got {len(imgsz)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    return weights, imgsz * 2 if len(imgsz) == 1 else imgsz
+
+
 def _heads(model):
     """Detection heads (DDetect / DualDDetect, ours or upstream's): what has export mode and levels."""
     return [m for m in model.modules() if hasattr(m, "export") and hasattr(m, "nl") and hasattr(m, "stride")]

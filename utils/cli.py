@@ -6,8 +6,7 @@
     add_device_arg(p)
     add_trusted_flag(p)
     ...
-    def main(argv=None):
-        return cli_main(parse_opt, run, argv, run_cli)  # parse, log the options, run(**options)
+    main = cli_main(parse_opt, run, run_cli)  # main(argv=None): parse, log the options, run(**options)
 
 A value out of range is refused by argparse itself, before anything is loaded or written, as one
 line `error: argument --workers: -1 is not a whole number >= 0` and exit status 2 (the same form
@@ -98,21 +97,34 @@ def add_device_arg(parser, default="cpu", help="cuda device, i.e. 0 or 0,1,2,3 o
     parser.add_argument("--device", default=default, help=help)
 
 
-def cli_main(parse_opt, run, argv, run_cli):
-    """The body of a command's `main(argv)`: parse `argv`, log the options on one line, return
+def add_export_args(parser, weights_help, dynamic_help="dynamic batch, height and width axes"):
+    """The ONNX export options export.py and export_qat.py share (one exporter: qat.export)."""
+    parser.add_argument("--weights", type=str, required=True, help=weights_help)
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=imgsz_int, default=[640], help="image (h, w)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size")
+    parser.add_argument("--dynamic", action="store_true", help=dynamic_help)
+    parser.add_argument("--opset", type=opset_int, default=17, help="ONNX opset version (13..23)")
+    parser.add_argument("--simplify", action="store_true", help="simplify the graph with onnxslim")
+    add_device_arg(parser)
+
+
+def cli_main(parse_opt, run, run_cli):
+    """A command's `main(argv=None)`: parse `argv`, log the options on one line, return
     `run(**options)`; all of it inside `run_cli` (one-line errors). `run_cli` is passed in because a
     command installed into an upstream clone takes it from qat.compat (upstream's utils lack it)."""
-    def _main():
-        opt = parse_opt(argv)
-        options = vars(opt)
-        from utils.general import print_args  # imported here: this module stays standard library only
-        if "prefix" in inspect.signature(print_args).parameters:  # ours names the command explicitly
-            print_args(options, prefix=Path(inspect.getfile(run)).stem)
-        else:  # upstream YOLOv9's (in a clone) names the file that calls it: this one, so leave it out
-            print_args(options, show_file=False)
-        return run(**options)
+    def main(argv=None):
+        def parse_and_run():
+            options = vars(parse_opt(argv))
+            from utils.general import print_args  # imported here: this module stays standard library only
+            if "prefix" in inspect.signature(print_args).parameters:  # ours names the command explicitly
+                print_args(options, prefix=Path(inspect.getfile(run)).stem)
+            else:  # upstream YOLOv9's (in a clone) names the file that calls it: this one, so leave it out
+                print_args(options, show_file=False)
+            return run(**options)
 
-    return run_cli(_main)
+        return run_cli(parse_and_run)
+
+    return main
 
 
 def newest_file(folder, pattern):
