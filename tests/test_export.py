@@ -16,7 +16,7 @@ from models.yolo import DetectionModel
 from qat.export import simplify_onnx
 from tests.peer import one_thread  # noqa: F401  (fixture)
 from tests.peer import assert_outputs_close, randomize_bn
-from utils.general import LOGGER
+from utils.general import LOGGER, UserError
 from utils.torch_utils import save_atomic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +137,7 @@ def test_bad_input(exported, tmp_path, capfd):
 
 
 def test_not_a_detection_model(tmp_path):
-    with pytest.raises(export.UserError, match="no DDetect"):
+    with pytest.raises(UserError, match="no DDetect"):
         export.export_onnx(torch.nn.Conv2d(3, 4, 1), tmp_path / "x.onnx", 32)
     assert not list(tmp_path.iterdir())
 
@@ -155,7 +155,7 @@ def test_failed_export_keeps_the_previous_file(exported, monkeypatch, capfd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(qat.export, "_add_metadata", failing_metadata)
-    with pytest.raises(export.UserError, match="No space left on device.*the old tiny.onnx is unchanged"):
+    with pytest.raises(UserError, match="No space left on device.*the old tiny.onnx is unchanged"):
         export.run(weights, imgsz=(IMG,))
     assert out.read_bytes() == before
     assert not [f for f in out.parent.iterdir() if f.name.endswith(".tmp")]
