@@ -91,7 +91,7 @@ class FinetuneOptions:
     resume: dict = None  # {'epoch', 'iteration', 'optimizer', 'best_fitness', 'history'} from qat_last.pt
     start_fitness: float = -1.0  # an evaluation must beat this to replace qat_best.pt (PTQ's selection mAP50-95)
     learn_ranges: bool = False  # activation amax trained (LSQ, qat.learned_ranges); weights keep per-channel max
-    range_lr_mult: float = 100.0  # learned ranges: their lr = lr x this (steps on log(amax): relative changes)
+    range_lr_mult: float = 1000.0  # learned ranges: their lr = lr x this (steps on log(amax): relative changes)
     diagnostics: bool = True
     show: bool = True
 
