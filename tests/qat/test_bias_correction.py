@@ -76,7 +76,7 @@ def test_first_images_takes_n_across_batches():
 def test_pipeline_bias_correction_in_checkpoint(tmp_path):
     import train_qat
     from qat.checkpoint import load_qat
-    from qat_models import IMGSZ, tiny_run_inputs
+    from qat_testkit import IMGSZ, tiny_run_inputs
 
     tiny = tiny_run_inputs(tmp_path)
     base = dict(weights=tiny["weights"], data=tiny["data"], project=str(tmp_path / "runs"), imgsz=IMGSZ,

@@ -151,7 +151,7 @@ def test_train_qat_learn_ranges_killed_and_resumed(tmp_path, monkeypatch):
     (its optimizer state has the ranges' group)."""
     import pytest
     import train_qat
-    from qat_models import IMGSZ as TINY, interrupt_step_at, tiny_run_inputs
+    from qat_testkit import IMGSZ as TINY, interrupt_step_at, tiny_run_inputs
 
     tiny = tiny_run_inputs(tmp_path)
     base = dict(weights=tiny["weights"], data=tiny["data"], project=str(tmp_path / "runs"), name="lr", imgsz=TINY,
