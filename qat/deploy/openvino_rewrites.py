@@ -1,6 +1,7 @@
 """Rewrites of a copy of a Q/DQ graph for OpenVINO's CPU plugin (DESIGN.md section 5); the
-TensorRT-shaped file stays as it is. All lossless except `requantize_weights` (7-bit weights for CPUs
-without VNNI / AMX, where 8-bit ones saturate)."""
+TensorRT-shaped file stays as it is. Lossless except `requantize_weights` (7-bit weights for CPUs
+without VNNI / AMX, where 8-bit ones saturate) and `zero_point_free_convs` (equal up to float rounding
+of a bias). Over 300 lines: each rewrite serves the one runtime and they share the Q/DQ readers."""
 from collections import defaultdict
 
 import numpy as np
