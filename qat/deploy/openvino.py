@@ -38,7 +38,7 @@ from qat.compat import UserError
 from qat.deploy.base import Backend, log, onnx_meta, static_dim
 from qat.deploy.cpu import cpu_int8_features, effective_isa
 from qat.deploy.openvino_rewrites import (activations_to_uint8, quantize_before_slices, requantize_weights,
-                                          weight_levels)
+                                          weight_levels, zero_point_free_convs)
 from qat.graph import load_model, metadata, qdq_counts
 
 ACT_FORMS = ("auto", "int8", "uint8", "measure")
@@ -143,8 +143,7 @@ def measured_form(onnx_model, threads=None, input_shape=None, cache_dir=None, is
     for form in ("int8", "uint8"):
         m = onnx.ModelProto()
         m.CopyFrom(onnx_model)
-        if form == "uint8":
-            activations_to_uint8(m)
+        prepare_onnx(m, FormChoice(form, 8, "timed", isa))  # each form as it would be deployed
         ov_model = _read_onnx(core, m)
         shape = list(input_shape) if input_shape else _static_or(ov_model, [1, 3, 320, 320])
         ov_model.reshape({ov_model.inputs[0].get_any_name(): shape})
@@ -196,14 +195,16 @@ def _read_onnx(core, onnx_model):
         return core.read_model(str(f))
 
 
-def prepare_onnx(onnx_model, choice, stacklevel=3):
+def prepare_onnx(onnx_model, choice, stacklevel=3, zero_point_free=True):
     """Apply `choice` to the Q/DQ ONNX in place: one Q/DQ before each split tensor instead of one per
     part (`quantize_before_slices`), the activation form, the weight bits (re-quantizing 8-bit weights
-    to 7 with a warning where needed). Returns {'uint8_rewritten', 'weights_requantized',
-    'weight_max_q', 'slices_hoisted'}."""
+    to 7 with a warning where needed), and in the uint8 form convolutions fed with zero point 0
+    (`zero_point_free_convs`; zero_point_free=False leaves them at 128, to measure the difference).
+    Returns {'uint8_rewritten', 'weights_requantized', 'weight_max_q', 'slices_hoisted',
+    'zero_point_free_convs'}."""
     info = {"uint8_rewritten": 0, "weights_requantized": [],
             "weight_max_q": max(weight_levels(onnx_model).values(), default=0),
-            "slices_hoisted": quantize_before_slices(onnx_model)}
+            "slices_hoisted": quantize_before_slices(onnx_model), "zero_point_free_convs": 0}
     if choice.act_form == "uint8":
         info["uint8_rewritten"] = activations_to_uint8(onnx_model)
     if choice.weight_bits == 7 and info["weight_max_q"] > 64:
@@ -212,6 +213,8 @@ def prepare_onnx(onnx_model, choice, stacklevel=3):
                       f"would saturate with 8-bit weights, so {len(info['weights_requantized'])} weight tensors were "
                       f"re-quantized to 7 bits; accuracy may drop. Train with --weight-bits 7 for these CPUs, or "
                       f"pass vnni=True (--vnni yes) to keep 8-bit weights", stacklevel=stacklevel)
+    if choice.act_form == "uint8" and zero_point_free:  # after the weights: the bias takes their final values
+        info["zero_point_free_convs"] = zero_point_free_convs(onnx_model)
     return info
 
 
@@ -253,7 +256,7 @@ class OpenVINOBackend(Backend):
         core = ov.Core()
         xml = ir_xml(path) if model is None else None
         self.cpu = cpu_int8_features()
-        self.uint8_rewritten, self.weights_requantized = 0, []
+        self.uint8_rewritten, self.weights_requantized, self.zero_point_free_convs = 0, [], 0
         if xml is not None:
             meta = ir_metadata(xml)
             super().__init__(path, names, strides, meta)
@@ -274,6 +277,7 @@ class OpenVINOBackend(Backend):
                 log(f"OpenVINO INT8 form: {self.choice.describe()}")
                 info = prepare_onnx(onnx_model, self.choice, stacklevel=3)
                 self.uint8_rewritten, self.weights_requantized = info["uint8_rewritten"], info["weights_requantized"]
+                self.zero_point_free_convs = info["zero_point_free_convs"]
                 self.weight_max_q = info["weight_max_q"]
             self.ov_model = _read_onnx(core, onnx_model)
         self.vnni = self.cpu["vnni"] if vnni is None else bool(vnni)

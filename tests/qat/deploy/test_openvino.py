@@ -19,9 +19,10 @@ import qat_testkit as kit  # noqa: E402
 from qat.deploy import OpenVINOBackend, load_backend  # noqa: E402
 from qat.deploy.cpu import effective_isa  # noqa: E402
 from qat.deploy.openvino import RULES, choose_form, export_ir  # noqa: E402
-from qat.deploy.openvino_rewrites import (activations_to_uint8, quantize_before_slices, requantize_weights, weight_levels)  # noqa: E402
+from qat.deploy.openvino_rewrites import (activations_to_uint8, quantize_before_slices, requantize_weights, weight_levels,  # noqa: E402
+                                          zero_point_free_convs)
 from qat.lint import summary  # noqa: E402
-from utils.general import UserError  # noqa: E402
+from utils.general import UserError, non_max_suppression  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -30,6 +31,16 @@ ROOT = Path(__file__).resolve().parents[3]
 def reference():
     x = kit.images(2)
     return x, load_backend("onnxruntime", kit.onnx_path("qat"))(x)
+
+
+def _same_detections(y, ref):
+    """Detections after NMS as OpenVINO's INT8 rounding allows: a requantized value one step away from ONNX
+    Runtime's moves a class score of the test model by up to 0.018 and a box side by a quarter DFL bin (8 px
+    of 64, IoU 0.875); measured on 10 image pairs: max score error 0.010 mean / 0.014 worst with zero point
+    128, 0.013 / 0.017 with the zero point 0 convolutions (their shift is taken off in a float bias)."""
+    a, b = non_max_suppression(torch.as_tensor(y), 0.25, 0.45), non_max_suppression(torch.as_tensor(ref), 0.25, 0.45)
+    assert sum(len(d) for d in b) > 2
+    kit.assert_same_detections(a, b, min_iou=0.85, conf_tol=0.02)
 
 
 def _isa(kind):
@@ -95,6 +106,8 @@ for name, path in {paths!r}.items():
                   "requantized": len(b.weights_requantized), "convs": b.conv_precisions(), "kernels": kernels,
                   "warned": any("re-quantized to 7 bits" in str(i.message) for i in w),
                   "err": float(np.abs(y.numpy() - r)[:, 4:].max()), "err_8bit": float(np.abs(forced.numpy() - r8)[:, 4:].max()),
+                  "err_mean": float(np.abs(y.numpy() - r)[:, 4:].mean()),
+                  "err_8bit_mean": float(np.abs(forced.numpy() - r8)[:, 4:].mean()),
                   "y": y.numpy().tolist(), "ref": r.tolist()}}
 print("RESULT" + json.dumps(out))
 """
@@ -126,7 +139,7 @@ def test_choice_under_onednn_max_cpu_isa_and_the_result_agrees_with_onnxruntime(
         assert (r["form"], r["bits"]) == (form, bits), r["reason"]
         assert r["convs"]["int8"] == r["convs"]["total"] - 1  # every quantized convolution in INT8 (the DFL stays float)
         assert r["err"] < 0.03, f"{name}: OpenVINO vs ONNX Runtime {r['err']}"
-        kit.assert_same_nms(torch.tensor(r["y"]), torch.tensor(r["ref"]))
+        _same_detections(torch.tensor(r["y"]), torch.tensor(r["ref"]))
     if cap == "AVX2":
         assert not any("avx512" in k for k in res["qat"]["kernels"]) and any("avx2" in k for k in res["qat"]["kernels"])
     if bits == 7:  # the 8-bit file is re-quantized with a warning; a --weight-bits 7 file needs nothing
@@ -138,14 +151,16 @@ def test_choice_under_onednn_max_cpu_isa_and_the_result_agrees_with_onnxruntime(
 
 def test_avx2_saturation_is_the_known_bad_case_that_seven_bits_fix(tmp_path):
     """Under AVX2 (no VNNI) 8-bit weights are summed in int16 pairs and saturate: forcing them (vnni=True)
-    moves OpenVINO away from ONNX Runtime (0.030 in a class score, measured); the 7-bit path chosen
-    for AVX2 agrees with ONNX Runtime on the same 7-bit model (0.0016)."""
+    moves OpenVINO away from ONNX Runtime (every score: mean error 0.0039, measured); the 7-bit path
+    chosen for AVX2 agrees with ONNX Runtime on the same 7-bit model (mean 0.0004-0.0015)."""
     isa = effective_isa(env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
     if isa["isa"] != "avx2":
         pytest.skip(f"AVX2 cannot be imitated here ({isa['source']})")
     r = _child(tmp_path, "AVX2", {"qat": kit.onnx_path("qat")})["qat"]
-    assert r["bits"] == 7 and r["requantized"] > 0 and r["err"] < 0.01
-    assert r["err_8bit"] > 3 * max(r["err"], 1e-3), r["err_8bit"]
+    # one-step rounding differences reach 0.01-0.018 in single scores either way (see _same_detections);
+    # saturation moves every score: mean error 0.0039 with 8-bit weights, 0.0004-0.0015 with 7-bit (10 image pairs)
+    assert r["bits"] == 7 and r["requantized"] > 0 and r["err"] < 0.02 and r["err_mean"] < 0.002
+    assert r["err_8bit_mean"] > 2 * r["err_mean"] and r["err_8bit"] > 0.02, (r["err_8bit_mean"], r["err_8bit"])
 
 
 # graph rewrites -----------------------------------------------------------------------------------
@@ -195,6 +210,74 @@ def test_quantize_before_slices_is_lossless_and_the_cut_runs_in_int8():
     assert cut_precisions and sum(p in ("u8", "i8") for p in cut_precisions) >= n
 
 
+def _shift_graph():
+    """A small int8-form Q/DQ graph with every kind of reader of a quantized tensor: a padded conv, a
+    split into a 1x1 conv and a Concat, a MaxPool into that Concat, a requantizer after the Concat
+    feeding a strided padded conv and a 1x1 conv, and a residual Add (which must keep zero point 128)."""
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(2 / 127, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "s", "zp"], ["t"])]
+
+    def conv(name, x, cin, cout, k, pads, stride=1, bias=True):
+        w = rng.normal(0, 0.3, (cout, cin, k, k)).astype(np.float32)
+        ws = (np.abs(w).reshape(cout, -1).max(1) / 127).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(ws, f"{name}_ws"),
+                      numpy_helper.from_array(np.zeros(cout, np.int8), f"{name}_wzp")])
+        nodes.extend([h.make_node("QuantizeLinear", [f"{name}_w", f"{name}_ws", f"{name}_wzp"], [f"{name}_wq"], axis=0),
+                      h.make_node("DequantizeLinear", [f"{name}_wq", f"{name}_ws", f"{name}_wzp"], [f"{name}_wd"], axis=0)])
+        ins = [x, f"{name}_wd"]
+        if bias:
+            inits.append(numpy_helper.from_array(rng.normal(0, 1, cout).astype(np.float32), f"{name}_b"))
+            ins.append(f"{name}_b")
+        nodes.append(h.make_node("Conv", ins, [name], kernel_shape=[k, k], pads=[pads] * 4, strides=[stride] * 2))
+
+    conv("a", "t", 4, 4, 3, 1)
+    inits.append(numpy_helper.from_array(np.array([2, 2], np.int64), "halves"))
+    nodes += [h.make_node("Split", ["t", "halves"], ["s0", "s1"], axis=1),
+              h.make_node("MaxPool", ["t"], ["mp"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+              h.make_node("Concat", ["s0", "mp"], ["cat"], axis=1),
+              h.make_node("QuantizeLinear", ["cat", "s", "zp"], ["catq"]), h.make_node("DequantizeLinear", ["catq", "s", "zp"], ["catd"]),
+              h.make_node("Add", ["t", "a"], ["res"])]
+    conv("b", "s1", 2, 3, 1, 0, bias=False)
+    conv("c", "catd", 6, 3, 1, 0)
+    conv("d", "catd", 6, 5, 3, 1, stride=2)
+    shapes = {"a": [1, 4, 6, 6], "b": [1, 3, 6, 6], "c": [1, 3, 6, 6], "d": [1, 5, 3, 3], "res": [1, 4, 6, 6]}
+    outs = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n, shape in shapes.items()]
+    g = h.make_graph(nodes, "shift", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 6, 6])], outs, inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_zero_point_free_convs_keeps_the_values():
+    """The uint8 form fed to convolutions with zero point 0 (shift folded into the bias, padding with
+    the zero point) computes what the zero point 128 form computes, for every kind of reader."""
+    import onnxruntime as ort
+
+    m = _shift_graph()
+    activations_to_uint8(m)
+    new = onnx.ModelProto()
+    new.CopyFrom(m)
+    assert zero_point_free_convs(new) == 4
+    onnx.checker.check_model(new)
+    ops = [nd.op_type for nd in new.graph.node]
+    pads = {nd.output[0]: next(a.ints for a in nd.attribute if a.name == "pads") for nd in new.graph.node
+            if nd.op_type == "Conv"}
+    assert ops.count("Pad") == 2 and pads["a"] == pads["d"] == [0, 0, 0, 0]  # padded with the zero point instead
+    inits = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+    add = next(nd for nd in new.graph.node if nd.op_type == "Add")
+    dq_of = {nd.output[0]: nd for nd in new.graph.node if nd.op_type == "DequantizeLinear"}
+    assert inits[dq_of[add.input[0]].input[2]] == 128  # the residual Add reads the zero point 128 form
+    x = np.random.default_rng(1).uniform(-1.2, 1.2, (1, 4, 6, 6)).astype(np.float32)  # some clip at +-1
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    run = lambda model: ort.InferenceSession(model.SerializeToString(), so).run(None, {"x": x})  # noqa: E731
+    for name, want, got in zip(("a", "b", "c", "d", "res"), run(m), run(new)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
+    assert zero_point_free_convs(_shift_graph()) == 0  # the int8 form (zero point 0) has nothing to rewrite
+
+
 def test_requantize_weights_to_seven_bits():
     m = onnx.load(str(kit.onnx_path("qat")))
     assert max(weight_levels(m).values()) == 127
@@ -215,6 +298,8 @@ def test_openvino_runs_every_quantized_conv_in_int8_and_matches_onnxruntime(refe
     counts, s = backend.conv_precisions(), summary(kit.onnx_path("qat"))
     assert counts["total"] == s["convs"] and counts["int8"] == s["int8_convs"] == s["convs"] - 1  # DFL stays float
     assert backend.act_form == form and (backend.uint8_rewritten > 0) == (form == "uint8")
+    # uint8 form: the convolutions read zero point 0 (all but the 3 padded ones that read a cut: ELAN1 x2, ADown)
+    assert backend.zero_point_free_convs == (counts["int8"] - 3 if form == "uint8" else 0)
     assert backend.weights_requantized == [] and form in backend.describe()
     assert y.shape == ref.shape and backend.nc == kit.NC and backend.names == kit.NAMES
     if form == "int8":  # signed activations: 0.086 (0.106 without the one-Q/DQ-per-cut rewrite) off in a class
@@ -223,7 +308,7 @@ def test_openvino_runs_every_quantized_conv_in_int8_and_matches_onnxruntime(refe
         assert (y - ref)[:, 4:].abs().max() < 0.15
         return
     assert (y - ref)[:, 4:].abs().max() < 0.03 and (y - ref)[:, :4].abs().mean() < 0.05
-    kit.assert_same_nms(y, ref)
+    _same_detections(y, ref)
 
 
 def test_openvino_without_vnni_uses_seven_bit_weights(reference, tmp_path):
