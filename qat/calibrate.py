@@ -35,7 +35,7 @@ from qat.modules import ACT_BITS, HISTOGRAM_METHODS, QuantConv2d, WeightQuantize
 from qat.quantize import quantizer_summary, unique_quantizers
 from qat.settings import QuantSettings
 
-def _as_images(batch, device):
+def as_images(batch, device):
     """A batch from a DataLoader (imgs, targets, ...) or a tensor -> float 0-1 images on device."""
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
     x = x.to(device, non_blocking=True)
@@ -49,7 +49,7 @@ def _run(model, batches, device, n, desc, show):
         for i, batch in enumerate(bar):
             if n is not None and i >= n:
                 break
-            model(_as_images(batch, device))
+            model(as_images(batch, device))
             seen += 1
     return seen
 

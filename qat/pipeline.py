@@ -34,7 +34,7 @@ from qat.distributed import LOCAL_RANK, RANK, WORLD_SIZE, barrier, broadcast, is
 from qat.evaluation import (METRICS, FirstBatches, check_demo_weights, check_nc, load_data, load_fp32, make_loaders,
                             make_select_loader, make_val_fn, selection_split)
 from qat.options import check_opt, default_opt, finetune_options, load_hyp, plain_opt
-from qat.report import best_note, selection_note, write_calibration_selection, write_report
+from qat.report import best_note, method_note, selection_note, write_calibration_selection, write_report
 from qat.settings import QuantSettings
 from utils.general import LOGGER, check_img_size, colorstr, increment_path, yaml_save
 
@@ -207,7 +207,8 @@ def run(opt, model=None, data_dict=None, device=None, write_opt=True):
     if main:
         (save_dir / "history.json").write_text(json.dumps(history, indent=1))
         if rows:
-            write_report(rows, save_dir, note=best_note(wdir / "qat_best.pt") + selection_note(select_rows))
+            write_report(rows, save_dir, note=best_note(wdir / "qat_best.pt") + method_note(opt)
+                         + selection_note(select_rows))
         LOGGER.info(f"{colorstr('QAT: ')}results in {save_dir}; weights {wdir / 'qat_best.pt'}")
     barrier()
     return {"save_dir": save_dir, "rows": rows, "select_rows": select_rows, "history": history,
@@ -229,11 +230,26 @@ def _post_training_quantization(opt, fp32, settings, calib_loader, device, save_
             qmodel, settings = quantize_and_calibrate(fp32, settings, calib_loader, opt.calib_batches, device,
                                                       save_dir, select_fn)
         opt.skip_layers = settings.skip_layers
+    if getattr(opt, "bias_correction", 0):
+        _correct_biases(opt, fp32, qmodel, calib_loader, device, save_dir)
     if main and not opt.no_eval_ptq:
         rows["PTQ"] = evaluate(qmodel, "PTQ (calibrated, before QAT)")
     if main and opt.epochs > 0:
         select_rows["PTQ"] = evaluate(qmodel, "PTQ on the selection split", select_fn)
     return qmodel, settings
+
+
+def _correct_biases(opt, fp32, qmodel, calib_loader, device, save_dir):
+    """--bias-correction N: conv biases shifted to the FP32 per-channel output means on N calibration
+    images (qat.bias_correction); per-layer shifts in bias_correction.json, the count in opt."""
+    from qat.bias_correction import bias_correction
+    summary = bias_correction(qmodel, fp32, calib_loader, opt.bias_correction, device)
+    if is_main_rank():
+        (Path(save_dir) / "bias_correction.json").write_text(json.dumps(summary, indent=1))
+        shifts = [r["mean_abs"] for r in summary]
+        LOGGER.info(f"{colorstr('bias correction: ')}{len(summary)} convolutions on {opt.bias_correction} images, "
+                    f"mean |shift| {sum(shifts) / max(len(shifts), 1):.3g}; {Path(save_dir) / 'bias_correction.json'}")
+    return summary
 
 
 def _chosen_rows(best_path, rows, select_rows, history, device, evaluate, trusted):
@@ -321,7 +337,7 @@ def run_from_train(model, opt, hyp, data_dict, device):
     qopt.iters_per_epoch = 0
     for k in vars(qopt):  # train.py may have been given QAT options too (ours does not define them)
         if k.startswith(("calib_", "weight_bits", "no_last_layer", "skip_layers", "residual_quant", "loss",
-                         "iters_per_epoch")) \
+                         "iters_per_epoch", "bias_correction", "learn_ranges", "range_lr_mult")) \
                 and hasattr(opt, k):
             setattr(qopt, k, getattr(opt, k))
     try:

@@ -59,6 +59,16 @@ def write_report(rows, save_dir, title="QAT report", note=""):
     LOGGER.info("\n" + text)
     return save_dir / "report.md"
 
+def method_note(opt):
+    """The optional PTQ / QAT steps the run used (--bias-correction, --learn-ranges), in words."""
+    parts = []
+    if getattr(opt, "bias_correction", 0):
+        parts.append(f"bias correction on {opt.bias_correction} calibration images (PTQ and QAT start from it)")
+    if getattr(opt, "learn_ranges", False) and getattr(opt, "epochs", 0):
+        parts.append(f"learned activation ranges in QAT (LSQ, lr x {opt.range_lr_mult:g})")
+    text = "; ".join(parts)
+    return f"\n\n{text[:1].upper()}{text[1:]}" if parts else ""
+
 def selection_note(select_rows):
     """The selection-split table appended to report.md."""
     if not select_rows:
