@@ -16,7 +16,8 @@ Adam's step moves every weight by about lr whatever the gradient, so lr, not the
 decides how many INT8 roundings flip; SGD (momentum, nesterov) is there for loss-scaled steps.
 
 `loss='det'` uses utils.loss_tal.ComputeLoss on the labels only (needs `model.hyp`).
-Amax values stay fixed (calibrated); weights and biases train through the straight-through
+Amax values stay fixed (calibrated), or with `learn_ranges` the activation amaxes train too (LSQ,
+qat.learned_ranges, lr x `range_lr_mult`); weights and biases train through the straight-through
 estimator with clipping (modelopt, pass_through_bwd=False). Multi-GPU: the student is wrapped in
 DDP, rank 0 evaluates and writes checkpoints.
 
@@ -89,6 +90,8 @@ class FinetuneOptions:
     extra: dict = field(default_factory=dict)  # stored in the checkpoints (opt, ...)
     resume: dict = None  # {'epoch', 'iteration', 'optimizer', 'best_fitness', 'history'} from qat_last.pt
     start_fitness: float = -1.0  # an evaluation must beat this to replace qat_best.pt (PTQ's selection mAP50-95)
+    learn_ranges: bool = False  # activation amax trained (LSQ, qat.learned_ranges); weights keep per-channel max
+    range_lr_mult: float = 100.0  # learned ranges: their lr = lr x this (steps on log(amax): relative changes)
     diagnostics: bool = True
     show: bool = True
 
@@ -120,6 +123,8 @@ class FinetuneOptions:
                             ("--weight-decay", self.weight_decay), ("--momentum", self.momentum)):
             if not (math.isfinite(value) and value >= 0):  # NaN/inf here trains a NaN model
                 raise UserError(f"{flag} {value} must be a finite number >= 0")
+        if not (math.isfinite(self.range_lr_mult) and self.range_lr_mult > 0):
+            raise UserError(f"--range-lr-mult {self.range_lr_mult} must be a finite number > 0")
         if not 0 <= self.warmup < 1:
             raise UserError(f"--warmup {self.warmup} is a fraction of the iterations in [0, 1)")
         if self.eval_period < 0:
@@ -233,12 +238,19 @@ def kd_loss(student_io, teacher_io, reg_max, temperature=2.0):
 
 
 def make_optimizer(model, opts):
-    params = [p for p in model.parameters() if p.requires_grad]
+    """One parameter group for the weights; learned activation ranges (if any) in a second one with
+    lr x `range_lr_mult` (its 'lr_mult', applied by Trainer.step) and no weight decay."""
+    from qat.learned_ranges import range_parameters
+    ranges = range_parameters(model)
+    taken = {id(p) for p in ranges}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in taken], "lr_mult": 1.0}]
+    if ranges:
+        groups.append({"params": ranges, "lr_mult": opts.range_lr_mult, "weight_decay": 0.0})
     if opts.optimizer == "SGD":
-        return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, nesterov=True,
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True,
                                weight_decay=opts.weight_decay)
     cls = torch.optim.Adam if opts.optimizer == "Adam" else torch.optim.AdamW
-    return cls(params, lr=opts.lr, betas=(opts.momentum, 0.999), weight_decay=opts.weight_decay)
+    return cls(groups, lr=opts.lr, betas=(opts.momentum, 0.999), weight_decay=opts.weight_decay)
 
 
 def cosine_lr(opts, step, total):
@@ -340,6 +352,9 @@ class Trainer:
     def __init__(self, model, fp32_model, opts):
         self.opts = opts.validate()
         self.model = prepare_for_training(model)
+        if opts.learn_ranges:
+            from qat.learned_ranges import enable_learned_ranges
+            enable_learned_ranges(model)
         self.device = next(model.parameters()).device
         self.teacher = self.s_hooks = self.t_hooks = None
         if opts.loss in ("distill", "both"):
@@ -374,7 +389,7 @@ class Trainer:
     def step(self, batch, lr):
         imgs = batch[0].to(self.device, non_blocking=True).float() / 255
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         net = self.ddp or self.model
         net.train()
         items = {}
