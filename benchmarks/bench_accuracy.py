@@ -90,7 +90,8 @@ def run_case(case, seed, opt, data, work):
     import train_qat
     base = dict(weights=opt.weights, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size, device="cpu",
                 workers=opt.workers, calib_batches=opt.calib_batches, select_images=opt.select_images, seed=seed,
-                weight_bits=CASES[case]["weight_bits"], project=str(work / "runs"), exist_ok=True)
+                weight_bits=CASES[case]["weight_bits"], project=str(work / "runs"), exist_ok=True,
+                bias_correction=opt.bias_correction)
     rows, calib = {}, CASES[case]["calib"]
     for i, method in enumerate(opt.methods):
         r = train_qat.run_api(**base, calib_method=method, epochs=0, no_eval_origin=i > 0,
@@ -105,7 +106,7 @@ def run_case(case, seed, opt, data, work):
         name = f"{case}-qat-{recipe}-s{seed}"
         r = train_qat.run_api(**base, calib_method=calib, recipe=recipe, epochs=opt.epochs,
                               iters_per_epoch=opt.iters_per_epoch, eval_period=opt.eval_period,
-                              no_eval_origin="FP32" in rows, name=name)
+                              learn_ranges=opt.learn_ranges, no_eval_origin="FP32" in rows, name=name)
         if "FP32" in r["rows"]:
             rows["FP32"] = _metrics(r["rows"]["FP32"])
         if f"PTQ {calib}" not in rows:  # the QAT run's own starting point: the same calibration and seed
@@ -217,6 +218,9 @@ def parse_opt(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--iters-per-epoch", type=int, default=60)
     p.add_argument("--eval-period", type=int, default=20)
+    p.add_argument("--bias-correction", type=int, default=0, metavar="IMAGES",
+                   help="train_qat.py --bias-correction for every PTQ and QAT run (0: off)")
+    p.add_argument("--learn-ranges", action="store_true", help="train_qat.py --learn-ranges for the QAT runs")
     p.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip export + OpenVINO")
     p.add_argument("--name", default="demo-gelan")
     return p.parse_args(argv)

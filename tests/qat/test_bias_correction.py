@@ -92,3 +92,15 @@ def test_pipeline_bias_correction_in_checkpoint(tmp_path):
     b0, b1 = dict(m0.named_modules()), dict(m1.named_modules())
     moved = [r["name"] for r in rows if not torch.equal(b0[r["name"]].bias, b1[r["name"]].bias)]
     assert len(moved) == len(rows)
+
+
+def test_options_schema():
+    import train_qat
+    from qat.options import finetune_options, settings_from_opt
+
+    assert train_qat.parse_opt([]).bias_correction == 0
+    assert train_qat.parse_opt(["--bias-correction"]).bias_correction == 32
+    assert train_qat.parse_opt(["--bias-correction", "8"]).bias_correction == 8
+    opt = train_qat.parse_opt(["--learn-ranges", "--range-lr-mult", "30"])
+    f = finetune_options(opt, ".", settings_from_opt(opt))
+    assert f.learn_ranges and f.range_lr_mult == 30
