@@ -246,6 +246,8 @@ def make_optimizer(model, opts):
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in taken], "lr_mult": 1.0}]
     if ranges:
         groups.append({"params": ranges, "lr_mult": opts.range_lr_mult, "weight_decay": 0.0})
+        if opts.optimizer != "SGD":  # LSQ-scaled gradients of a distillation loss are ~1e-9: Adam's default
+            groups[-1]["eps"] = 1e-20  # eps 1e-8 would freeze them; on log(amax) a scale-free step is the aim
     if opts.optimizer == "SGD":
         return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True,
                                weight_decay=opts.weight_decay)
