@@ -51,10 +51,6 @@ def add_common_args(p):
                    help="train images held out as the selection split when no --select-split is given")
     p.add_argument("--calib-batches", type=positive_int, default=32,
                    help="calibration batches (train images, all ranks)")
-    p.add_argument("--bias-correction", type=nonneg_int, nargs="?", const=32, default=0, metavar="IMAGES",
-                   help="after calibration, shift each convolution's bias by the per-channel mean of FP32 minus "
-                        "quantized output, layer by layer (empirical bias correction), on IMAGES calibration "
-                        "images (default 32) in one forward pass; 0: off")
     p.add_argument("--no-last-layer", action="store_true", help="keep the detection head (model.model[-1]) float")
     p.add_argument("--residual-quant", default="both", choices=("both", "shortcut"),
                    help="RepNBottleneck residual Add: quantize both inputs, or only the shortcut (TensorRT's guide)")
@@ -78,6 +74,10 @@ def add_finetune_args(p):
     p.add_argument("--schedule", default=None, choices=SCHEDULES, help="default: the recipe's")
     p.add_argument("--warmup", type=float_range(0.0, 1.0, hi_open=True), default=None,
                    help="linear warm-up, fraction of all iterations")
+    p.add_argument("--bias-correction", type=nonneg_int, nargs="?", const=32, default=0, metavar="IMAGES",
+                   help="after calibration, shift each convolution's bias by the per-channel mean of FP32 minus "
+                        "quantized output, layer by layer (empirical bias correction), on IMAGES calibration "
+                        "images (default 32) in one forward pass; 0: off")
     p.add_argument("--learn-ranges", action="store_true",
                    help="train the activation amaxes too (LSQ, initialised from calibration; weights keep per-channel max)")
     p.add_argument("--range-lr-mult", type=positive_float, default=100.0,
