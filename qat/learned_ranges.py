@@ -14,7 +14,7 @@ the clipped ends, times LSQ's gradient scale g = 1 / sqrt(numel(x) * 127). Witho
 ONNX export the quantizer is modelopt's own, reading the same amax (one value, so training,
 evaluation, checkpoints and the exported Q/DQ scales agree).
 
-The parameter is log(amax) (float64): amax stays positive by construction, and Adam's steps of
+The parameter is log(amax): amax stays positive by construction, and Adam's steps of
 about lr become relative changes, which suits amaxes from 0.1 to 100 with one learning rate
 (`--range-lr-mult` x the weights' lr). modelopt's `_amax` buffer is kept equal to exp(log_amax) on
 every read (`amax`, `_get_amax`), so checkpoint (qat.quantize.quantizer_state) and export read it
@@ -47,7 +47,8 @@ class LearnedRangeQuantizer(TensorQuantizer):
         if self.axis is not None or self._unsigned or not isinstance(self._num_bits, int):
             raise ValueError("learned ranges: only per-tensor signed integer activation quantizers")
         amax = self._amax.detach().double().clamp_min(1e-12)
-        self.log_amax = nn.Parameter(amax.log().to(self._amax.device))
+        # float32 like the weights: val.py's model.float() and Adam's state must not see another dtype
+        self.log_amax = nn.Parameter(amax.log().float().to(self._amax.device))
 
     def learned_amax(self):
         """amax with its graph to log_amax."""
