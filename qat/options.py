@@ -79,7 +79,8 @@ def add_finetune_args(p):
                         "quantized output, layer by layer (empirical bias correction), on IMAGES calibration "
                         "images (default 32) in one forward pass; 0: off")
     p.add_argument("--learn-ranges", action="store_true",
-                   help="train the activation amaxes too (LSQ, initialised from calibration; weights keep per-channel max)")
+                   help="train the activation amaxes too (LSQ, initialised from calibration; weights keep "
+                        "per-channel max)")
     p.add_argument("--range-lr-mult", type=positive_float, default=100.0,
                    help="--learn-ranges: their lr = --lr x this (steps act on log(amax))")
     p.add_argument("--temperature", type=positive_float, default=2.0, help="--recipe kd: softening temperature")
