@@ -220,7 +220,8 @@ def parse_opt(argv=None):
     p.add_argument("--eval-period", type=int, default=20)
     p.add_argument("--bias-correction", type=int, default=0, metavar="IMAGES",
                    help="train_qat.py --bias-correction for every PTQ and QAT run (0: off)")
-    p.add_argument("--learn-ranges", action="store_true", help="train_qat.py --learn-ranges for the QAT runs")
+    p.add_argument("--learn-ranges", action=argparse.BooleanOptionalAction, default=None,
+                   help="train_qat.py --learn-ranges / --no-learn-ranges for the QAT runs (default: the recipe's)")
     p.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip export + OpenVINO")
     p.add_argument("--name", default="demo-gelan")
     return p.parse_args(argv)

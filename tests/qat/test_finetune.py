@@ -194,6 +194,25 @@ def test_recipes_schedules_and_targets():
         FinetuneOptions(recipe="fast").validate()
 
 
+def test_recipe_layers_learns_ranges_by_default():
+    """The default recipe trains the activation ranges (lr 1e-6 x 30000); other recipes do not unless asked,
+    and an explicit --no-learn-ranges / --range-lr-mult wins; train_qat's opt says what ran."""
+    import train_qat
+    from qat.options import finetune_options, settings_from_opt
+
+    o = FinetuneOptions().validate()
+    assert (o.recipe, o.lr, o.learn_ranges, o.range_lr_mult) == ("layers", 1e-6, True, 30000.0)
+    o = FinetuneOptions(recipe="kd").validate()
+    assert (o.learn_ranges, o.range_lr_mult) == (False, 100.0)
+    o = FinetuneOptions(learn_ranges=False, range_lr_mult=10.0).validate()
+    assert (o.learn_ranges, o.range_lr_mult) == (False, 10.0)
+    opt = train_qat.parse_opt([])
+    f = finetune_options(opt, ".", settings_from_opt(opt))
+    assert f.learn_ranges and (opt.learn_ranges, opt.range_lr_mult) == (True, 30000.0)
+    opt = train_qat.parse_opt(["--no-learn-ranges"])
+    assert not finetune_options(opt, ".", settings_from_opt(opt)).learn_ranges and opt.learn_ranges is False
+
+
 def test_kd_loss_is_zero_for_the_teacher_and_trains():
     q, fp32 = _pair(weight_bits=7)
     x = _batch()[0].float() / 255
