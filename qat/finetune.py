@@ -145,8 +145,11 @@ class FinetuneOptions:
 
 
 def weights_finite(model):
-    """True when every parameter is finite (one reduction per tensor, one host sync)."""
+    """True when every parameter is finite, learned ranges' exp(log_amax) too (a finite log_amax can
+    overflow to an inf amax); one reduction per tensor, one host sync."""
+    from qat.learned_ranges import range_parameters
     flags = [torch.isfinite(p).all() for p in model.parameters()]
+    flags += [torch.isfinite(p.detach().exp()).all() for p in range_parameters(model)]
     return bool(torch.stack(flags).all()) if flags else True
 
 
