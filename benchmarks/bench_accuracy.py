@@ -165,7 +165,8 @@ def to_markdown(result):
              "case names one); a QAT row is qat_best.pt, chosen on the selection split "
              "(step 0: no QAT evaluation beat PTQ there).", "", f"Command: `{result['command']}`"]
     for case, table in result["summary"].items():
-        lines += ["", f"## {case} (weights {CASES[case]['weight_bits']}-bit, QAT from {CASES[case]['calib']} calibration)", "",
+        head = f"{case} (weights {CASES[case]['weight_bits']}-bit, QAT from {CASES[case]['calib']} calibration)"
+        lines += ["", f"## {head}", "",
                   "| model | mAP50-95 | Δ vs FP32 | mAP50 | seeds | chosen per seed |", "|---|---|---|---|---|---|"]
         for r in table:
             d = f"{r['d_map_mean']:+.4f}" if "d_map_mean" in r else ""

@@ -4,7 +4,7 @@ loss, as named recipes; evaluation on the selection split every `eval_period` it
 Recipes (`--recipe`; each sets the defaults below, an explicit option overrides them):
 - `layers` (default; this project's): MSE between quantized and FP32 outputs of every
   `supervision_stride`-th top-level layer and the head; Adam lr 1e-6, cosine to lr * 0.01, with
-  learned activation ranges (LSQ) at lr x 30000 (3e-2 on log(amax)). Source: helper D's sweep,
+  learned activation ranges (LSQ) at lr 3e-2 on log(amax) (every recipe's range_lr). Source: helper D's sweep,
   2026-11-30, demo checkpoint, 7-bit weights + entropy calibration (PTQ 0.4932 vs FP32 0.5105 on
   320 val images, seed 0, 60 iterations at batch 8): weights only at Adam 1e-5 / 1e-4 won nothing
   back (0.503 -> 0.503 on the selection split); ranges at lr x 1000 / 3000 / 10000 with weights at
@@ -64,11 +64,13 @@ class Recipe:
     warmup: float = 0.0  # fraction of all iterations with a linear warm-up from lr * 0.01
     plateau: tuple = ()  # plateau: ((fraction of iterations, lr multiplier), ...)
     learn_ranges: bool = False  # activation amaxes trained too (LSQ, qat.learned_ranges)
-    range_lr_mult: float = 100.0  # their lr = lr x this (Adam steps on log(amax): relative changes)
+    # their lr (Adam steps on log(amax): relative changes), following the schedule; kept when --lr
+    # changes (range_lr_mult = range_lr / lr unless given): a multiplier would scale it with --lr
+    range_lr: float = 3e-2
 
 
 RECIPES = {
-    "layers": Recipe("layers", "Adam", 1e-6, "cosine", learn_ranges=True, range_lr_mult=30000.0),
+    "layers": Recipe("layers", "Adam", 1e-6, "cosine", learn_ranges=True),
     "blocks": Recipe("blocks", "Adam", 1e-5, "plateau", plateau=((0.0, 0.1), (0.3, 1.0), (0.8, 0.1))),
     "kd": Recipe("kd", "Adam", 1e-6, "cosine", warmup=0.05),
 }
@@ -106,9 +108,11 @@ class FinetuneOptions:
     def resolved(self):
         """The recipe's defaults filled in for every option left at None."""
         r = RECIPES[self.recipe]
-        for k in ("lr", "lrf", "optimizer", "schedule", "warmup", "learn_ranges", "range_lr_mult"):
+        for k in ("lr", "lrf", "optimizer", "schedule", "warmup", "learn_ranges"):
             if getattr(self, k) is None:
                 setattr(self, k, getattr(r, k))
+        if self.range_lr_mult is None and self.lr:
+            self.range_lr_mult = r.range_lr / self.lr
         return self
 
     def validate(self):

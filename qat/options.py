@@ -82,7 +82,7 @@ def add_finetune_args(p):
                    help="train the activation amaxes too (LSQ, initialised from calibration; weights keep "
                         "per-channel max); default: the recipe's (layers: on)")
     p.add_argument("--range-lr-mult", type=positive_float, default=None,
-                   help="learned ranges: their lr = --lr x this (steps act on log(amax)); default: the recipe's")
+                   help="learned ranges: their lr = --lr x this (steps act on log(amax)); default: 3e-2 / --lr")
     p.add_argument("--temperature", type=positive_float, default=2.0, help="--recipe kd: softening temperature")
     p.add_argument("--eval-period", type=nonneg_int, default=0,
                    help="evaluate on the selection split every N iterations (0: at each epoch end)")
