@@ -79,12 +79,11 @@ def add_finetune_args(p):
                    help="after calibration, shift each convolution's bias by the per-channel mean of FP32 minus "
                         "quantized output, layer by layer (empirical bias correction), on IMAGES calibration "
                         "images (default 32) in one forward pass; 0: off")
-    p.add_argument("--learn-ranges", action="store_true",
+    p.add_argument("--learn-ranges", action=argparse.BooleanOptionalAction, default=None,
                    help="train the activation amaxes too (LSQ, initialised from calibration; weights keep "
-                        "per-channel max)")
-    p.add_argument("--range-lr-mult", type=positive_float, default=1000.0,
-                   help="--learn-ranges: their lr = --lr x this (steps act on log(amax); 1000 moved them ~10 %% "
-                        "in 60 demo iterations at lr 1e-5, 100 only ~1 %%)")
+                        "per-channel max); default: the recipe's (layers: on)")
+    p.add_argument("--range-lr-mult", type=positive_float, default=None,
+                   help="learned ranges: their lr = --lr x this (steps act on log(amax)); default: 3e-2 / --lr")
     p.add_argument("--temperature", type=positive_float, default=2.0, help="--recipe kd: softening temperature")
     p.add_argument("--eval-period", type=nonneg_int, default=0,
                    help="evaluate on the selection split every N iterations (0: at each epoch end)")
@@ -115,15 +114,18 @@ def settings_from_opt(opt):
 
 def finetune_options(opt, save_dir, settings):
     from qat.finetune import FinetuneOptions
-    return FinetuneOptions(epochs=opt.epochs, iters_per_epoch=opt.iters_per_epoch, recipe=opt.recipe, lr=opt.lr,
-                           lrf=opt.lrf, optimizer=opt.optimizer, schedule=opt.schedule, warmup=opt.warmup,
-                           momentum=opt.momentum, weight_decay=opt.weight_decay, loss=opt.loss,
-                           det_weight=opt.det_weight, supervision_stride=opt.supervision_stride,
-                           temperature=opt.temperature, eval_period=opt.eval_period,
-                           learn_ranges=getattr(opt, "learn_ranges", False),
-                           range_lr_mult=getattr(opt, "range_lr_mult", 1000.0),
-                           save_dir=Path(save_dir) / "weights", save_period=opt.save_period,
-                           settings=settings).validate()
+    f = FinetuneOptions(epochs=opt.epochs, iters_per_epoch=opt.iters_per_epoch, recipe=opt.recipe, lr=opt.lr,
+                        lrf=opt.lrf, optimizer=opt.optimizer, schedule=opt.schedule, warmup=opt.warmup,
+                        momentum=opt.momentum, weight_decay=opt.weight_decay, loss=opt.loss,
+                        det_weight=opt.det_weight, supervision_stride=opt.supervision_stride,
+                        temperature=opt.temperature, eval_period=opt.eval_period,
+                        learn_ranges=getattr(opt, "learn_ranges", None),
+                        range_lr_mult=getattr(opt, "range_lr_mult", None),
+                        save_dir=Path(save_dir) / "weights", save_period=opt.save_period,
+                        settings=settings).validate()
+    # left unset, they are the recipe's: written back so that opt.yaml and report.md say what ran
+    opt.learn_ranges, opt.range_lr_mult = f.learn_ranges, f.range_lr_mult
+    return f
 
 def check_opt(opt):
     """Everything that can be wrong with the options alone, before anything is loaded."""

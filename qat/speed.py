@@ -6,7 +6,8 @@
 FP32 step: train-mode forward of the unfused model, detection loss, backward, optimizer step (what
 train.py does per batch, without data loading and AMP). QAT steps: qat.finetune.Trainer.step on the
 fused, quantized, calibrated model: distillation (student forward + backward and the frozen FP32
-teacher's forward) and the detection loss. Median of --iters timed steps after --warmup.
+teacher's forward) with the default recipe (learned activation ranges) and with fixed ranges, and the
+detection loss. Median of --iters timed steps after --warmup.
 """
 import argparse
 import json
@@ -82,9 +83,10 @@ def measure(model, imgsz=640, batch_size=16, device="cpu", iters=10, warmup=3, l
     q = quantize_model(deepcopy(teacher), QuantSettings())
     calibrate(q, [imgs.float() / 255], show=False)
     q.hyp = model.hyp
-    for kind in ("distill", "det"):
-        trainer = Trainer(q, deepcopy(teacher), FinetuneOptions(loss=kind))
-        out[f"qat_{kind}"] = _timed(lambda: trainer.step(batch, 1e-5), iters, warmup, device)
+    # the default recipe (learned ranges on), the same with calibrated ranges kept fixed, the det loss
+    for kind, extra in (("distill", {}), ("distill_fixed", {"loss": "distill", "learn_ranges": False}), ("det", {})):
+        trainer = Trainer(deepcopy(q), deepcopy(teacher), FinetuneOptions(**({"loss": kind} | extra)))
+        out[f"qat_{kind}"] = _timed(lambda: trainer.step(batch, trainer.opts.lr), iters, warmup, device)
         out[f"qat_{kind}_vs_fp32"] = out[f"qat_{kind}"] / out["fp32"]
         trainer.close()
     return out
@@ -94,6 +96,8 @@ def table(r):
     return ("| step | ms / iteration | vs FP32 training |\n|---|---|---|\n"
             f"| FP32 training (det loss) | {r['fp32'] * 1e3:.1f} | 1.00x |\n"
             f"| QAT, distillation (default) | {r['qat_distill'] * 1e3:.1f} | {r['qat_distill_vs_fp32']:.2f}x |\n"
+            f"| QAT, distillation, calibrated ranges fixed (--no-learn-ranges) | {r['qat_distill_fixed'] * 1e3:.1f} "
+            f"| {r['qat_distill_fixed_vs_fp32']:.2f}x |\n"
             f"| QAT, det loss | {r['qat_det'] * 1e3:.1f} | {r['qat_det_vs_fp32']:.2f}x |\n")
 
 

@@ -26,3 +26,19 @@ def test_summary_recovered_and_report(tmp_path):
     assert "| PTQ auto | 0.4800 ± 0.0100 | -0.0200 |" in text and "QAT layers 80%" in text
     bench.chart(result, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_recovered_from_the_cases_own_calibration():
+    """w7-entropy's QAT starts from entropy calibration: the drop recovered is measured from PTQ entropy,
+    not from PTQ auto (which it may not even have)."""
+    fp32 = {"map": 0.50, "map50": 0.7}
+    per_seed = {"w7-entropy": {"FP32": [fp32, fp32], "PTQ auto": [{"map": 0.499, "map50": 0.7}] * 2,
+                               "PTQ entropy": [{"map": 0.48, "map50": 0.6}] * 2,
+                               "QAT layers": [{"map": 0.495, "map50": 0.6}] * 2}}
+    table = bench.summarise(per_seed)["w7-entropy"]
+    assert bench.CASES["w7-entropy"]["calib"] == "entropy"
+    assert bench.recovered(table, "entropy") == {"QAT layers": pytest.approx(0.75)}
+    result = {"date": "d", "seconds": 1.0, "command": "c", "summary": {"w7-entropy": table},
+              "options": {"weights": "w", "imgsz": 64, "val_images": 4, "seeds": [0, 1], "calib_batches": 1,
+                          "batch_size": 2, "select_images": 2, "epochs": 1, "iters_per_epoch": 2}}
+    assert "Share of the PTQ (entropy) drop recovered: QAT layers 75%" in bench.to_markdown(result)

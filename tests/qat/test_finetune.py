@@ -46,7 +46,8 @@ def test_qat_steps_lower_distillation_loss():
     batch = _batch()
     x = batch[0].float() / 255
     before = _distill(q, fp32, x)
-    trainer = Trainer(q, fp32, FinetuneOptions())  # the defaults: Adam, lr 1e-5
+    # the weights' straight-through path alone (learned ranges: tests/qat/test_learned_ranges.py)
+    trainer = Trainer(q, fp32, FinetuneOptions(lr=1e-5, learn_ranges=False))
     steps = [trainer.step(batch, 1e-5)["distill"] for _ in range(10)]
     trainer.close()
     after = _distill(q, fp32, x)
@@ -192,6 +193,29 @@ def test_recipes_schedules_and_targets():
     assert all(any(True for _ in q.model[i].parameters()) for i in blocks)
     with pytest.raises(UserError, match="--recipe fast"):
         FinetuneOptions(recipe="fast").validate()
+
+
+def test_recipe_layers_learns_ranges_by_default():
+    """The default recipe trains the activation ranges (lr 3e-2 on log(amax) whatever --lr); other
+    recipes do not unless asked, an explicit --no-learn-ranges / --range-lr-mult wins, and
+    train_qat's opt says what ran."""
+    import train_qat
+    from qat.options import finetune_options, settings_from_opt
+
+    o = FinetuneOptions().validate()
+    assert (o.recipe, o.lr, o.learn_ranges) == ("layers", 1e-6, True)
+    assert o.lr * o.range_lr_mult == pytest.approx(3e-2)
+    o = FinetuneOptions(lr=1e-3).validate()  # the ranges' lr stays 3e-2 when --lr changes
+    assert o.lr * o.range_lr_mult == pytest.approx(3e-2)
+    o = FinetuneOptions(recipe="kd").validate()
+    assert not o.learn_ranges and o.lr * o.range_lr_mult == pytest.approx(3e-2)
+    o = FinetuneOptions(learn_ranges=False, range_lr_mult=10.0).validate()
+    assert (o.learn_ranges, o.range_lr_mult) == (False, 10.0)
+    opt = train_qat.parse_opt([])
+    f = finetune_options(opt, ".", settings_from_opt(opt))
+    assert f.learn_ranges and opt.learn_ranges is True and opt.range_lr_mult == pytest.approx(30000.0)
+    opt = train_qat.parse_opt(["--no-learn-ranges"])
+    assert not finetune_options(opt, ".", settings_from_opt(opt)).learn_ranges and opt.learn_ranges is False
 
 
 def test_kd_loss_is_zero_for_the_teacher_and_trains():
