@@ -77,6 +77,9 @@ class LearnedRangeQuantizer(TensorQuantizer):
         return super()._get_amax(inputs)
 
     def _fake_quantize(self, inputs):
+        # Written as plain torch ops on purpose: a hand-written autograd.Function for the same forward and
+        # LSQ backward (and torch._fake_quantize_learnable_per_tensor_affine) measured slower on the CPU
+        # (35 / 53 ms against 29 ms, 8x64x80x80 forward + backward); the builtin also rounds differently.
         if not torch.is_grad_enabled() or torch.onnx.is_in_onnx_export():
             return super()._fake_quantize(inputs)
         self._sync()

@@ -52,6 +52,19 @@ def test_gradient_wrt_amax_is_lsq():
     assert math.isclose(grad_amax, expected, rel_tol=1e-4, abs_tol=1e-7)
 
 
+def test_gradient_wrt_input_is_straight_through_inside_the_range():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 5, 5, generator=gen) * 2).requires_grad_(True)  # some beyond amax
+    upstream = torch.randn(x.shape, generator=gen)
+    q = _quantizer(3.0)
+    (q(x) * upstream).sum().backward()
+    amax = float(q.amax)
+    steps = torch.round(x.detach() * 127 / amax)
+    inside = (steps >= -128) & (steps <= 127)
+    assert 0 < int((~inside).sum()) < x.numel()
+    assert torch.allclose(x.grad, upstream * inside)
+
+
 def test_forward_equals_modelopt_fake_quant():
     x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(1)) * 3
     q = _quantizer(2.5)
