@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.general import LOGGER, UserError, check_dataset, run_cli, yaml_save  # noqa: E402
+from utils.torch_utils import atomic_output  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # calib: the calibration the case's QAT runs start from ('auto': chosen on the selection split)
@@ -198,7 +199,8 @@ def chart(result, path):
         ax.set_xlabel("mAP50-95 (mean ± std over seeds)")
         ax.set_title(f"{case} ({CASES[case]['weight_bits']}-bit weights)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -249,8 +251,10 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"accuracy-{opt.name}"
     text = to_markdown(result)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    with atomic_output(stem.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+    with atomic_output(stem.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(result, indent=1, default=str))
     chart(result, stem.with_suffix(".png"))
     print(text)
     return result

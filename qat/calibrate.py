@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from qat.compat import atomic_output
 from qat.distributed import is_distributed
 from qat.modules import ACT_BITS, HISTOGRAM_METHODS, QuantConv2d, WeightQuantizer, calibrator_of
 from qat.quantize import quantizer_summary, unique_quantizers
@@ -344,7 +345,8 @@ def write_summary(summary, save_dir, name="calibration"):
     """Per-quantizer amax table: `<name>.md` (activations, then weights condensed) and `<name>.json`."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    with atomic_output(save_dir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
     acts = [r for r in summary if r["kind"] == "input"]
     weights = [r for r in summary if r["kind"] == "weight"]
     lines = ["# Calibration: activation quantizers", "",
@@ -359,5 +361,6 @@ def write_summary(summary, save_dir, name="calibration"):
     for r in weights:
         lines.append(f"| {r['name']} | {r['bits']} | {'yes' if r['enabled'] else 'no'} | {_fmt(r['amax_min'])} "
                      f"| {_fmt(r['amax'])} |")
-    (save_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    with atomic_output(save_dir / f"{name}.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return save_dir / f"{name}.md"
