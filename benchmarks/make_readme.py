@@ -4,7 +4,8 @@
     python benchmarks/make_readme.py --readme other.md
 
 Latency results (bench_latency.py) become the speed tables and charts; accuracy results (a
-val_trt.py results.json copied to benchmarks/results/val-<name>.json) become mAP tables. The section
+val_trt.py results.json copied to benchmarks/results/val-<name>.json) become mAP tables; a
+`python -m qat.speed --json benchmarks/results/qat-speed.json` result becomes the QAT step-time table. The section
 sits between `<!-- results:start -->` and `<!-- results:end -->`; a README without these markers
 gets the section appended at its end. The section is also written to
 benchmarks/results/README_section.md.
@@ -64,6 +65,16 @@ def accuracy_section(name, r):
             format_table(r["rows"], ref), ""]
 
 
+def qat_speed_section(r):
+    from qat.speed import table
+
+    m = r.get("machine", {})
+    return [f"### QAT step time ({Path(r['model']).stem}, {r['imgsz']} px, batch {r['batch_size']}, {r['device']})", "",
+            f"`{r.get('command', 'python -m qat.speed')}` on {m.get('device', '?')}, {m.get('torch_threads', '?')} "
+            f"torch threads, torch {m.get('torch', '?')}: one QAT iteration against one FP32 training iteration "
+            f"(median of timed steps).", "", table(r)]
+
+
 def section(results_dir=RESULTS, readme_dir=ROOT):
     files = sorted(Path(results_dir).glob("*.json"))
     if not files:
@@ -74,7 +85,8 @@ def section(results_dir=RESULTS, readme_dir=ROOT):
     for f in files:
         r = json.loads(f.read_text())
         if "batches" in r:
-            machine = machine or r.get("machine")
+            if machine is None or (machine.get("isa_cap") and not r.get("machine", {}).get("isa_cap")):
+                machine = r.get("machine")  # the CPU as it is, not one capped by ONEDNN_MAX_CPU_ISA
             lines += latency_section(r, readme_dir)
         elif "noise" in r:  # benchmarks/bench_agreement.py
             from benchmarks.bench_agreement import to_markdown
@@ -83,6 +95,8 @@ def section(results_dir=RESULTS, readme_dir=ROOT):
         elif "per_seed" in r:  # benchmarks/bench_accuracy.py: its own markdown, headings one level down
             md = f.with_suffix(".md").read_text().replace("\n## ", "\n#### ").replace("# ", "### ", 1)
             lines += [md.rstrip("\n"), ""]
+        elif "qat_distill" in r:  # python -m qat.speed --json
+            lines += qat_speed_section(r)
         elif "rows" in r:
             lines += accuracy_section(f.stem, r)
     if machine:

@@ -149,13 +149,11 @@ class FinetuneOptions:
         return RECIPES[self.recipe].target
 
 
-def weights_finite(model):
-    """True when every parameter is finite, learned ranges' exp(log_amax) too (a finite log_amax can
-    overflow to an inf amax); one reduction per tensor, one host sync."""
-    from qat.learned_ranges import range_parameters
-    flags = [torch.isfinite(p).all() for p in model.parameters()]
-    flags += [torch.isfinite(p.detach().exp()).all() for p in range_parameters(model)]
-    return bool(torch.stack(flags).all()) if flags else True
+def weights_finite(params, ranges=()):
+    """True when every tensor in `params` is finite, and exp() of every learned range in `ranges`
+    (a finite log_amax can overflow to an inf amax): one max |x| over all (NaN propagates), one host sync."""
+    tensors = [p.detach() for p in params] + [p.detach().exp() for p in ranges]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, float("inf")))) if tensors else True
 
 
 def _flat(x):
@@ -264,11 +262,12 @@ def make_optimizer(model, opts):
         groups.append({"params": ranges, "lr_mult": opts.range_lr_mult, "weight_decay": 0.0})
         if opts.optimizer != "SGD":  # LSQ-scaled gradients of a distillation loss are ~1e-9: Adam's default
             groups[-1]["eps"] = 1e-20  # eps 1e-8 would freeze them; on log(amax) a scale-free step is the aim
+    # fused: one kernel for all tensors (CPU and CUDA), ~3x faster than torch's default per-tensor loop on the CPU
     if opts.optimizer == "SGD":
         return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum, nesterov=True,
-                               weight_decay=opts.weight_decay)
+                               weight_decay=opts.weight_decay, fused=True)
     cls = torch.optim.Adam if opts.optimizer == "Adam" else torch.optim.AdamW
-    return cls(groups, lr=opts.lr, betas=(opts.momentum, 0.999), weight_decay=opts.weight_decay)
+    return cls(groups, lr=opts.lr, betas=(opts.momentum, 0.999), weight_decay=opts.weight_decay, fused=True)
 
 
 def cosine_lr(opts, step, total):
@@ -369,14 +368,16 @@ class Trainer:
 
     def __init__(self, model, fp32_model, opts):
         self.opts = opts.validate()
-        self.model = prepare_for_training(model)
+        # channels_last, student and teacher: mkldnn convolutions without reorders cost ~0.6x of the default
+        # layout's on the CPU; the quantizers keep the layout (qat.modules.InputQuantizer); close() undoes it
+        self.model = prepare_for_training(model).to(memory_format=torch.channels_last)
         if opts.learn_ranges:
             from qat.learned_ranges import enable_learned_ranges
             enable_learned_ranges(model)
         self.device = next(model.parameters()).device
         self.teacher = self.s_hooks = self.t_hooks = None
         if opts.loss in ("distill", "both"):
-            self.teacher = fp32_model.to(self.device).train()
+            self.teacher = fp32_model.to(self.device, memory_format=torch.channels_last).train()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
             if opts.target == "kd":
@@ -395,6 +396,8 @@ class Trainer:
             dev = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=dev)
         self.optimizer = make_optimizer(model, opts)
+        from qat.learned_ranges import range_parameters
+        self.params, self.ranges = list(model.parameters()), range_parameters(model)  # for weights_finite
 
     def _distill(self, items):
         s, t = self.s_hooks.pop(), self.t_hooks.pop()
@@ -405,7 +408,8 @@ class Trainer:
         return parts["cls"] + parts["dfl"] + parts["neck"]
 
     def step(self, batch, lr):
-        imgs = batch[0].to(self.device, non_blocking=True).float() / 255
+        imgs = batch[0].to(self.device, non_blocking=True).float().div_(255)
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         net = self.ddp or self.model
@@ -432,15 +436,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if not weights_finite(self.model):
+        if not weights_finite(self.params, self.ranges):
             raise UserError(f"QAT diverged: the weights are not finite after a step at lr {lr:.3g}: lower --lr")
         items["loss"] = float(loss.detach())
         return items
 
     def close(self):
+        """Remove the hooks; student and teacher back in the default layout (checkpoints, export)."""
         if self.s_hooks is not None:
             self.s_hooks.remove()
             self.t_hooks.remove()
+        for m in (self.model, self.teacher):
+            if m is not None:
+                m.to(memory_format=torch.contiguous_format)
 
 
 def finetune(model, fp32_model, train_loader, val_fn, opts):

@@ -59,6 +59,26 @@ class WeightQuantizer(TensorQuantizer):
                                  self._pass_through_bwd, None, None)
 
 
+class InputQuantizer(TensorQuantizer):
+    """modelopt's per-tensor activation TensorQuantizer, keeping the tensor's memory layout.
+
+    modelopt 0.47's `forward` makes every non-contiguous input contiguous first (for its FP4 kernels),
+    which turns a channels_last activation (QAT trains in channels_last, qat.finetune) into NCHW, and the
+    next convolution turns it back: two copies per quantizer. A per-tensor integer fake quantization is
+    elementwise, so the layout does not matter: when that is all the forward would do, it goes straight
+    to `_fake_quantize` (the step modelopt's forward delegates to); calibration, ONNX export and anything
+    else stay modelopt's forward. Private names read (pinned in tests/qat/test_modelopt_contract.py):
+    `_if_quant`, `_if_calib`, `_disabled`, `_fake_quant`."""
+
+    def forward(self, inputs):
+        if (type(inputs) is torch.Tensor and inputs.numel() and self._if_quant and not self._if_calib
+                and not self._disabled and self._fake_quant and self.pre_quant_scale is None
+                and self.block_sizes is None and not self.rotate_is_enabled
+                and not torch.onnx.is_in_onnx_export()):
+            return self._fake_quantize(inputs)
+        return super().forward(inputs)
+
+
 class RangeHistogram(HistogramCalibrator):
     """modelopt's HistogramCalibrator with a collection that stays exact when later batches are larger.
 
@@ -142,8 +162,7 @@ def make_input_quantizer(calib_method="max"):
     tensor: TensorRT's activations are symmetric, zero point 0); max or histogram calibrator."""
     cfg = dict(num_bits=ACT_BITS, axis=None, narrow_range=False, pass_through_bwd=False,
                calibrator=RangeHistogram if calib_method in HISTOGRAM_METHODS else "max")
-    q = TensorQuantizer(QuantizerAttributeConfig(**cfg))
-    return q
+    return InputQuantizer(QuantizerAttributeConfig(**cfg))
 
 
 def make_weight_quantizer(weight_bits=8):

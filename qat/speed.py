@@ -11,7 +11,10 @@ detection loss. Median of --iters timed steps after --warmup.
 """
 import argparse
 import json
+import os
+import platform
 import statistics
+import sys
 import time
 from copy import deepcopy
 
@@ -92,6 +95,17 @@ def measure(model, imgsz=640, batch_size=16, device="cpu", iters=10, warmup=3, l
     return out
 
 
+def machine(device):
+    """Where it ran: the CPU (or GPU), torch's threads, torch."""
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        from qat.deploy.cpu import read_cpuinfo
+        name = read_cpuinfo()[0] or platform.processor() or platform.machine()
+    return {"device": name, "torch_threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+            "torch": torch.__version__}
+
+
 def table(r):
     return ("| step | ms / iteration | vs FP32 training |\n|---|---|---|\n"
             f"| FP32 training (det loss) | {r['fp32'] * 1e3:.1f} | 1.00x |\n"
@@ -126,6 +140,8 @@ def main(argv=None):
         raise UserError(f"--device {opt.device} asks for CUDA but none is available: use --device cpu")
     r = measure(model, opt.imgsz, opt.batch_size, device, opt.iters, opt.warmup)
     r["model"] = opt.weights or opt.cfg
+    r["command"] = "python -m qat.speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    r["machine"] = machine(device)
     print(table(r))
     if opt.json:
         with atomic_output(opt.json) as tmp:

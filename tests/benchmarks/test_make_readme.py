@@ -77,3 +77,17 @@ def test_new_latency_results_show_the_headline_against_the_fastest_float(tmp_pat
     assert "| QAT Q/DQ, uint8 form (deployed) | 1 | f32 | 8.5 | 117.65 | 0.94x **slower** | 185/186 |" in text
     assert "| FP32 ONNX, f32 | 1 | f32 | 13.0 | 76.92 | 0.62x | 0/186 |" in text  # a float row is not 'slower'
     assert "Deployed form: uint8 activations, 7-bit weights (AVX2 without VNNI)" in text
+
+
+def test_qat_speed_result_gets_its_table(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    speed = {"device": "cpu", "imgsz": 320, "batch_size": 8, "fp32": 0.3, "qat_distill": 0.45, "qat_distill_vs_fp32": 1.5,
+             "qat_distill_fixed": 0.42, "qat_distill_fixed_vs_fp32": 1.4, "qat_det": 0.36, "qat_det_vs_fp32": 1.2,
+             "model": "models/detect/gelan-t.yaml", "command": "python -m qat.speed --imgsz 320",
+             "machine": {"device": "Test CPU", "torch_threads": 2, "logical_cpus": 2, "torch": "2.x"}}
+    (res / "qat-speed.json").write_text(json.dumps(speed))
+    text = section(res, tmp_path)
+    assert "### QAT step time (gelan-t, 320 px, batch 8, cpu)" in text
+    assert "`python -m qat.speed --imgsz 320` on Test CPU, 2 torch threads" in text
+    assert "| QAT, distillation (default) | 450.0 | 1.50x |" in text

@@ -253,3 +253,21 @@ def test_eval_period_and_diagnostics(tmp_path):
         assert all(h["int_total"] > 0 and len(h["layer_error"]) == len(q.model) for h in history)
         assert (history[-1]["int_changed"] > 0) == moved, history[-1]["int_changed"]
         assert all(e >= 0 for e in history[-1]["layer_error"])
+
+
+def test_training_in_channels_last_matches_and_hands_back_the_default_layout():
+    """The Trainer runs student and teacher in channels_last (faster convolutions on the CPU): its loss is
+    the one computed in the default layout, and close() gives both models back in the default layout
+    (checkpoints, export)."""
+    q, fp32 = _pair()
+    batch = _batch()
+    opts = FinetuneOptions(lr=1e-5)
+    expected = _distill(q, fp32, batch[0].float() / 255, opts.supervision_stride)
+    trainer = Trainer(q, fp32, opts)
+    conv_weights = [p for p in list(q.parameters()) + list(fp32.parameters()) if p.dim() == 4 and p.shape[-1] > 1]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                                for p in conv_weights)
+    got = trainer.step(batch, 1e-5)["distill"]
+    trainer.close()
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert all(p.is_contiguous() for p in list(q.parameters()) + list(fp32.parameters()))

@@ -5,6 +5,7 @@ import math
 import warnings
 
 import numpy as np
+import pytest
 import onnx
 import torch
 from onnx import numpy_helper
@@ -190,3 +191,27 @@ def json_amax(path):
     """{activation quantizer name: calibrated amax} from calibration.json."""
     import json
     return {r["name"]: r["amax"] for r in json.loads(path.read_text()) if r["kind"] == "input" and r["amax"]}
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "chunk"])
+def test_gradients_do_not_depend_on_the_layout(layout):
+    """QAT trains in channels_last and RepNCSPELAN4 quantizes chunk views: the LSQ dot products must pair
+    the same elements whatever the strides of the input and of the incoming gradient."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 6, 5, 5, generator=gen) * 2
+    upstream = torch.randn(2, 3, 5, 5, generator=gen)
+    results = []
+    for strided in (False, True):
+        q = _quantizer(2.5)
+        x = base.clone().requires_grad_(True)
+        if strided and layout == "channels_last":
+            xin, up = x[:, :3].contiguous(memory_format=torch.channels_last), upstream  # NCHW gradient arrives
+        elif strided:
+            xin, up = x.chunk(2, 1)[0], upstream.contiguous(memory_format=torch.channels_last)
+        else:
+            xin, up = x[:, :3].contiguous(), upstream
+        (q(xin) * up).sum().backward()
+        results.append((x.grad.clone(), q.log_amax.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=0)
+    assert float(results[0][1].abs()) > 0

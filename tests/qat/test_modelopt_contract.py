@@ -5,6 +5,8 @@ Private (underscore) names still used, and why (no public API in modelopt 0.47):
 - TensorQuantizer._calibrator (qat.modules.calibrator_of): no public getter for the calibrator.
 - TensorQuantizer._fake_quantize / _get_amax / _pass_through_bwd (qat.modules.WeightQuantizer): the
   export-time INT8 grid for 7-bit weights overrides the one fake-quantization step.
+- TensorQuantizer._if_quant / _if_calib / _disabled / _fake_quant (qat.modules.InputQuantizer): when its
+  forward would only fake-quantize, it skips modelopt's forward (which makes channels_last inputs NCHW).
 - MaxCalibrator._calib_amax (qat.calibrate._merge_across_ranks): the DDP-merged max written back.
 - HistogramCalibrator._calib_hist / _calib_bin_edges / _num_bits and reset() (qat.modules.RangeHistogram).
 """
@@ -102,6 +104,18 @@ def test_forward_delegates_to_fake_quantize():
     out = q(torch.ones(3))
     assert calls and torch.equal(out, torch.full((3,), 42.0)), \
         f"TensorQuantizer.forward no longer goes through _fake_quantize: WeightQuantizer's export grid is skipped ({MODULES})"
+
+
+def test_state_flags_follow_the_public_switches():
+    q = TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=None))
+    assert (q._if_quant, q._if_calib, q._disabled, q._fake_quant) == (True, False, False, True), \
+        f"TensorQuantizer's default _if_quant/_if_calib/_disabled/_fake_quant changed: revisit InputQuantizer in {MODULES}"
+    q.disable_quant()
+    q.enable_calib()
+    assert (q._if_quant, q._if_calib) == (False, True), \
+        f"disable_quant/enable_calib no longer set _if_quant/_if_calib: revisit InputQuantizer in {MODULES}"
+    q.disable()
+    assert q._disabled, f"disable() no longer sets _disabled: revisit InputQuantizer in {MODULES}"
 
 
 def test_get_amax_is_the_loaded_amax_and_pass_through_bwd_is_the_config():

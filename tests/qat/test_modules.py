@@ -102,3 +102,33 @@ def test_shortcut_placement_survives_the_checkpoint(tmp_path):
     x = kit.images(2)
     with torch.no_grad():
         assert torch.equal(kit.export_mode(loaded)(x), kit.export_mode(model)(x))
+
+
+def test_input_quantizer_keeps_the_layout_and_modelopts_values():
+    """Fake quantization leaves a channels_last activation channels_last (modelopt's forward would make it
+    NCHW, and the next convolution would turn it back), with modelopt's values; calibration and a
+    disabled quantizer still go through modelopt's forward."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from qat.modules import disabled_quantizer, make_input_quantizer
+
+    x = (torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0)) * 2).contiguous(
+        memory_format=torch.channels_last)
+    q = make_input_quantizer()
+    q.amax = torch.tensor(2.0)
+    ref = TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=None, narrow_range=False))
+    ref.amax = torch.tensor(2.0)
+    y = q(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert torch.equal(y, ref(x))
+    assert len(torch.unique(y)) > 20 and float(y.abs().max()) <= 2.0 * 128 / 127 + 1e-6  # the grid: -128..127
+
+    calib = make_input_quantizer()
+    calib.disable_quant()
+    calib.enable_calib()
+    assert torch.equal(calib(x), x)  # statistics only
+    calib.disable_calib()
+    calib.load_calib_amax()
+    assert torch.isclose(calib.amax, x.abs().max())
+    assert disabled_quantizer()(x) is x
