@@ -19,7 +19,7 @@ with entropy calibration (TensorRT's legacy IInt8EntropyCalibrator2 rule), where
 (benchmarks/results/accuracy-final-w7-entropy.md: 320 val images, seeds 0 1 2). The demo checkpoint
 is robust otherwise: auto-calibrated PTQ loses 0.002-0.003 with 8- or 7-bit weights. Rows whose protocol differs are kept apart: train_qat.py
 evaluates with rectangular batches (val.py), val_trt.py with square letterbox batches, so the
-deployed row is compared with the fake-quant row of the same val_trt run.
+deployed row is compared with the fake-quant and FP32 (quantizers off) rows of the same val_trt run.
 
 Writes benchmarks/results/accuracy-<name>.{md,json,png}.
 """
@@ -67,7 +67,8 @@ def _metrics(row):
 
 
 def deployed(best_pt, data, imgsz, work, name):
-    """Export qat_best.pt and validate it on OpenVINO (val_trt protocol): deployed and fake-quant rows."""
+    """Export qat_best.pt and validate it on OpenVINO (val_trt protocol): deployed, fake-quant and FP32
+    (the same weights with the quantizers off) rows."""
     import export_qat
     import val_trt
     export_qat.run(weights=str(best_pt), imgsz=[imgsz], device="cpu")
@@ -78,8 +79,9 @@ def deployed(best_pt, data, imgsz, work, name):
     fake = next((v for k, v in rows.items() if "fake-quant" in k), None)
     dep = next((v for k, v in rows.items() if "OpenVINO" in k or "openvino" in str(v.get("runtime", "")).lower()),
                None)
+    fp32 = next((v for k, v in rows.items() if "FP32" in k), None)
     pick = lambda v: {"map": float(v["mAP50-95"]), "map50": float(v["mAP50"])} if v else None  # noqa: E731
-    return pick(dep), pick(fake)
+    return pick(dep), pick(fake), pick(fp32)
 
 
 def _rule(st):
@@ -115,7 +117,9 @@ def run_case(case, seed, opt, data, work):
             rows[f"PTQ {calib}"] = {**_metrics(r["rows"]["PTQ"]), "chosen": _rule(r["settings"])}
         rows[f"QAT {recipe}"] = {**_metrics(r["rows"]["QAT"]), "chosen": f"step {r['rows']['QAT'].get('step', 0)}"}
         if opt.deploy and recipe == opt.recipes[0]:
-            dep, fake = deployed(r["best"], data, opt.imgsz, work, name)
+            dep, fake, fp32 = deployed(r["best"], data, opt.imgsz, work, name)
+            if fp32:
+                rows[VAL_TRT_FP32] = fp32
             if dep:
                 rows[f"deployed OpenVINO (QAT {recipe}, val_trt protocol)"] = dep
             if fake:
@@ -123,12 +127,17 @@ def run_case(case, seed, opt, data, work):
     return rows
 
 
+VAL_TRT_FP32 = "FP32 (val_trt protocol)"  # val_trt.py's "PyTorch FP32 (quantizers off)" row: qat_best.pt's weights in float
+# (the checkpoint's own weights when QAT kept the PTQ model, step 0)
+
+
 def summarise(per_seed):
-    """{case: {label: [rows over seeds]}} -> {case: [{'model', 'n', 'map_mean', 'map_std', ...}]}."""
+    """{case: {label: [rows over seeds]}} -> {case: [{'model', 'n', 'map_mean', 'map_std', ...}]}. Δ against
+    FP32 of the same protocol: train_qat.py's rows against "FP32", val_trt rows against VAL_TRT_FP32."""
     out = {}
     for case, labels in per_seed.items():
-        fp32 = labels.get("FP32")
-        ref = statistics.mean(r["map"] for r in fp32) if fp32 else None
+        ref, ref_val_trt = (statistics.mean(r["map"] for r in labels[k]) if labels.get(k) else None
+                            for k in ("FP32", VAL_TRT_FP32))
         table = []
         for label, rs in labels.items():
             maps = [r["map"] for r in rs]
@@ -137,8 +146,9 @@ def summarise(per_seed):
                      "map50_mean": statistics.mean(r["map50"] for r in rs)}
             if any("chosen" in r for r in rs):  # auto's rule / qat_best.pt's QAT step (0: PTQ) per seed
                 entry["chosen"] = [r.get("chosen") for r in rs]
-            if ref is not None and "val_trt" not in label:
-                entry["d_map_mean"] = entry["map_mean"] - ref
+            base = ref_val_trt if "val_trt" in label else ref
+            if base is not None:
+                entry["d_map_mean"] = entry["map_mean"] - base
             table.append(entry)
         out[case] = table
     return out
@@ -162,7 +172,8 @@ def to_markdown(result):
              f"seeds {o['seeds']}, calibration {o['calib_batches']} batches of {o['batch_size']}, selection split "
              f"{o['select_images']} held-out train images, QAT {o['epochs']} x {o['iters_per_epoch']} iterations. "
              f"{result['seconds']:.0f} s.", "",
-             "mAP50-95 mean +- std over seeds; Δ against FP32 (train_qat.py protocol). `PTQ auto` picks the rule "
+             "mAP50-95 mean +- std over seeds; Δ against FP32 in the same protocol (train_qat.py's rectangular "
+             "batches, or val_trt.py's square letterbox for the deployed rows). `PTQ auto` picks the rule "
              "on the selection split, never on val; QAT starts from the case's calibration (auto unless the "
              "case names one); a QAT row is qat_best.pt, chosen on the selection split "
              "(step 0: no QAT evaluation beat PTQ there).", "", f"Command: `{result['command']}`"]

@@ -411,7 +411,7 @@ class Trainer:
         return parts["cls"] + parts["dfl"] + parts["neck"]
 
     def step(self, batch, lr):
-        imgs = batch[0].to(self.device, non_blocking=True).float().div_(255)
+        imgs = batch[0].to(self.device, non_blocking=True).float() / 255
         imgs = imgs.contiguous(memory_format=self.layout)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)

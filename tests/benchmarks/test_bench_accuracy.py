@@ -42,3 +42,16 @@ def test_recovered_from_the_cases_own_calibration():
               "options": {"weights": "w", "imgsz": 64, "val_images": 4, "seeds": [0, 1], "calib_batches": 1,
                           "batch_size": 2, "select_images": 2, "epochs": 1, "iters_per_epoch": 2}}
     assert "Share of the PTQ (entropy) drop recovered: QAT layers 75%" in bench.to_markdown(result)
+
+
+def test_deployed_rows_are_compared_with_fp32_of_their_own_protocol():
+    """val_trt.py's square letterbox gives other numbers than train_qat.py's rectangular batches: the
+    deployed and fake-quant rows get their Δ from the FP32 row of the same val_trt run."""
+    fp32, fp32_vt = {"map": 0.50, "map50": 0.7}, {"map": 0.49, "map50": 0.7}
+    per_seed = {"demo": {"FP32": [fp32, fp32], "PTQ auto": [{"map": 0.498, "map50": 0.7}] * 2,
+                         bench.VAL_TRT_FP32: [fp32_vt, fp32_vt],
+                         "deployed OpenVINO (QAT layers, val_trt protocol)": [{"map": 0.4895, "map50": 0.7}] * 2}}
+    by = {r["model"]: r for r in bench.summarise(per_seed)["demo"]}
+    assert by["PTQ auto"]["d_map_mean"] == pytest.approx(-0.002)
+    assert by["deployed OpenVINO (QAT layers, val_trt protocol)"]["d_map_mean"] == pytest.approx(-0.0005)
+    assert by[bench.VAL_TRT_FP32]["d_map_mean"] == pytest.approx(0.0)
