@@ -24,7 +24,6 @@ deployed row is compared with the fake-quant and FP32 (quantizers off) rows of t
 Writes benchmarks/results/accuracy-<name>.{md,json,png}.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.general import LOGGER, UserError, check_dataset, run_cli, yaml_save  # noqa: E402
-from utils.torch_utils import atomic_output  # noqa: E402
+from utils.torch_utils import atomic_output, save_tables  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # calib: the calibration the case's QAT runs start from ('auto': chosen on the selection split)
@@ -262,10 +261,7 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"accuracy-{opt.name}"
     text = to_markdown(result)
-    with atomic_output(stem.with_suffix(".md")) as tmp:
-        tmp.write_text(text)
-    with atomic_output(stem.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(result, indent=1, default=str))
+    save_tables(stem, text, result)
     chart(result, stem.with_suffix(".png"))
     print(text)
     return result

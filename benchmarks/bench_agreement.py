@@ -23,7 +23,6 @@ every later layer turns one flip into several. This script measures that chain a
 
 Writes benchmarks/results/agreement-<name>.{md,json}.
 """
-import json
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ if str(ROOT) not in sys.path:
 from utils.cli import (ArgumentParser, add_trusted_flag, imgsz_int, nonneg_int, positive_float,  # noqa: E402
                        positive_int)
 from utils.general import LOGGER, UserError, check_img_size, print_args, run_cli  # noqa: E402
-from utils.torch_utils import atomic_output  # noqa: E402
+from utils.torch_utils import save_tables  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONF = 0.25  # anchors the reference is confident about
@@ -240,10 +239,7 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"agreement-{r['name']}"
     text = to_markdown(r)
-    with atomic_output(stem.with_suffix(".md")) as tmp:
-        tmp.write_text(text)
-    with atomic_output(stem.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(r, indent=1))
+    save_tables(stem, text, r)
     LOGGER.info("\n" + text + f"Saved {stem}.md and .json")
 
 

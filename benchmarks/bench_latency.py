@@ -23,7 +23,6 @@ size, the CPU's flags and the effective ISA (ONEDNN_MAX_CPU_ISA), model sizes. W
 benchmarks/results/<name>.{md,json,png} and <name>-profile.md (<name> gets -<isa> under
 ONEDNN_MAX_CPU_ISA); `python benchmarks/make_readme.py` turns the results into the README section.
 """
-import json
 import os
 import platform
 import statistics
@@ -44,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 from utils.cli import ArgumentParser, add_trusted_flag, cli_main, imgsz_int, nonneg_int, positive_int  # noqa: E402
 from utils.general import LOGGER, UserError, check_img_size, run_cli  # noqa: E402
-from utils.torch_utils import atomic_output  # noqa: E402
+from utils.torch_utils import atomic_output, save_tables  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -364,10 +363,7 @@ def chart(results, path):
 def write(results, out):
     out = Path(out)
     name = results["name"]
-    with atomic_output(out / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1))
-    with atomic_output(out / f"{name}.md") as tmp:
-        tmp.write_text(table(results) + "\n")
+    save_tables(out / name, table(results) + "\n", results)
     if results.get("profile"):
         with atomic_output(out / f"{name}-profile.md") as tmp:
             tmp.write_text(profile_table(results))

@@ -40,10 +40,10 @@ def _in_memory_order(t):
 class _LSQFakeQuant(torch.autograd.Function):
     """modelopt's per-tensor INT8 fake quantization (same ops, same values) with LSQ's backward.
 
-    Ours because the same thing as plain autograd ops costs 27 ms per 8x64x80x80 forward + backward on one
-    CPU thread (every op saves its inputs and runs its own backward), this one ~4 ms, and torch's
-    `_fake_quantize_learnable_per_tensor_affine` 53 ms (its kernel is slow on the CPU and it rounds x / s,
-    not modelopt's x * (127 / amax)). With y = s * clamp(round(x / s)): dL/dx = g_y * inside and
+    Ours because the same thing as plain autograd ops (every op saves its inputs and runs its own backward)
+    costs 3-6x this one's time per 8x64x80x80 forward + backward on one CPU thread, measured side by side
+    (27 ms on a quiet machine), and torch's `_fake_quantize_learnable_per_tensor_affine` 53 ms (its kernel is
+    slow on the CPU and it rounds x / s, not modelopt's x * (127 / amax)). With y = s * clamp(round(x / s)): dL/dx = g_y * inside and
     dL/d log(amax) = grad_scale * sum(g_y * (y - inside * x)) (LSQ's round(x/s) - x/s inside, -qn/qp or 1
     at the clipped ends, times amax for the log parameter): a mask and two dot products. When the
     tensor's min and max already land inside the grid (the usual case after calibration) nothing is

@@ -1,5 +1,6 @@
 """PyTorch helpers shared by training, QAT and validation: devices, seeds, EMA, optimizers, DDP."""
 import errno
+import json
 import math
 import os
 import random
@@ -180,6 +181,15 @@ def save_atomic(obj, path):
     with atomic_output(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def save_tables(stem, markdown, data):
+    """A result as <stem>.md (the table) and <stem>.json (the data), each through atomic_output."""
+    stem = Path(stem)
+    with atomic_output(stem.with_name(stem.name + ".md")) as tmp:
+        tmp.write_text(markdown)
+    with atomic_output(stem.with_name(stem.name + ".json")) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
 
 
 def intersect_dicts(da, db, exclude=()):

@@ -29,3 +29,19 @@ def test_saved_file_has_the_usual_mode(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(f.stat().st_mode) == 0o644
+
+
+def test_save_tables_writes_both_and_a_failed_write_keeps_the_old_file(tmp_path, fill_disk):
+    import json
+
+    from utils.torch_utils import save_tables
+
+    stem = tmp_path / "accuracy-demo"
+    save_tables(stem, "| a |\n", {"map": 0.5})
+    assert (tmp_path / "accuracy-demo.md").read_text() == "| a |\n"
+    assert json.loads((tmp_path / "accuracy-demo.json").read_text()) == {"map": 0.5}
+    fill_disk("accuracy-demo.json")
+    with pytest.raises(UserError, match="disk full"):
+        save_tables(stem, "| b |\n", {"map": 0.6})
+    assert json.loads((tmp_path / "accuracy-demo.json").read_text()) == {"map": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy-demo.json", "accuracy-demo.md"]
