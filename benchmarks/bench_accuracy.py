@@ -15,7 +15,7 @@ list so that train_qat.py and val_trt.py see exactly the same ones).
 Cases: `demo` (8-bit weights), `w7` (7-bit weights, what CPUs without VNNI need: coarser, so
 PTQ loses more; DESIGN.md section 5) and `w7-entropy`, the quantization-sensitive case: 7-bit weights
 with entropy calibration (TensorRT's legacy IInt8EntropyCalibrator2 rule), where PTQ loses
-0.0122 +- 0.0044 mAP50-95 on the demo checkpoint while `w7` with auto calibration loses 0.0020
+0.0126 +- 0.0045 mAP50-95 on the demo checkpoint while `w7` with auto calibration loses 0.0020
 (benchmarks/results/accuracy-final-w7-entropy.md: 320 val images, seeds 0 1 2). The demo checkpoint
 is robust otherwise: auto-calibrated PTQ loses 0.002-0.003 with 8- or 7-bit weights. Rows whose protocol differs are kept apart: train_qat.py
 evaluates with rectangular batches (val.py), val_trt.py with square letterbox batches, so the
