@@ -38,6 +38,8 @@ from utils.general import LOGGER, UserError, check_dataset, run_cli, yaml_save  
 from utils.torch_utils import atomic_output, save_tables  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+VAL_TRT_FP32 = "FP32 (val_trt protocol)"  # val_trt.py's "PyTorch FP32 (quantizers off)" row: qat_best.pt's weights in float
+# (the checkpoint's own weights when QAT kept the PTQ model, step 0)
 # calib: the calibration the case's QAT runs start from ('auto': chosen on the selection split)
 CASES = {"demo": {"weight_bits": 8, "calib": "auto"}, "w7": {"weight_bits": 7, "calib": "auto"},
          "w7-entropy": {"weight_bits": 7, "calib": "entropy"}}
@@ -124,10 +126,6 @@ def run_case(case, seed, opt, data, work):
             if fake:
                 rows[f"fake-quant (QAT {recipe}, val_trt protocol)"] = fake
     return rows
-
-
-VAL_TRT_FP32 = "FP32 (val_trt protocol)"  # val_trt.py's "PyTorch FP32 (quantizers off)" row: qat_best.pt's weights in float
-# (the checkpoint's own weights when QAT kept the PTQ model, step 0)
 
 
 def summarise(per_seed):

@@ -5,8 +5,8 @@ import math
 import warnings
 
 import numpy as np
-import pytest
 import onnx
+import pytest
 import torch
 from onnx import numpy_helper
 
