@@ -7,7 +7,7 @@ Recipes (`--recipe`; each sets the defaults below, an explicit option overrides 
   learned activation ranges (LSQ) at lr 3e-2 on log(amax) (every recipe's range_lr). Measured
   2026-11-30 on the demo checkpoint, 7-bit weights + entropy calibration (PTQ 0.4932 vs FP32 0.5105
   on 320 val images, seed 0, 60 iterations at batch 8; 3 seeds in
-  benchmarks/results/accuracy-final-w7-entropy.md): weights only at Adam 1e-5 / 1e-4 won nothing
+  benchmarks/results/accuracy-w7-entropy-200.md, 200 iterations): weights only at Adam 1e-5 / 1e-4 won nothing
   back (0.503 -> 0.503 on the selection split); ranges at lr x 1000 / 3000 / 10000 with weights at
   1e-5: 0.5040 / 0.5065 / 0.5062; ranges at 3e-2 with weights at 1e-6: 0.5097 (95 % of the drop;
   the ranges do the work, larger weight steps only add rounding flips). Before: Adam lr 1e-5, fixed

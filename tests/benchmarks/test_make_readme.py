@@ -23,7 +23,7 @@ def test_section_and_readme_update(tmp_path):
     assert text.startswith(START) and text.rstrip().endswith(END)
     assert "**2.00x** the FP32 ONNX at batch 1" in text and "QAT 1.14x NNCF's speed" in text
     assert "| QAT Q/DQ ONNX (u8 form) | 1 | - | 350.0 | 2.86 | 2.00x | 144/145 |" in text  # a result from before
-    assert "Machine: Test CPU" in text
+    assert "Machines: Test CPU, 2 logical CPUs, no VNNI/AMX" in text
 
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\nintro\n")
@@ -91,3 +91,17 @@ def test_qat_speed_result_gets_its_table(tmp_path):
     assert "### QAT step time (gelan-t, 320 px, batch 8, cpu)" in text
     assert "`python -m qat.speed --imgsz 320` on Test CPU, 2 torch threads" in text
     assert "| QAT, distillation (default) | 450.0 | 1.50x |" in text
+
+
+def test_footer_names_every_cpu_the_latency_results_ran_on(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    epyc, xeon, capped = _latency_result(), _latency_result(), _latency_result()
+    xeon["machine"] = {**xeon["machine"], "cpu": "Other CPU", "int8": "AMX"}
+    capped["machine"] = {**capped["machine"], "int8": "AVX2 under ONEDNN_MAX_CPU_ISA=AVX2", "isa_cap": "AVX2"}
+    for name, r in (("a-avx2", capped), ("b", epyc), ("c-amx", xeon)):
+        (res / f"{name}.json").write_text(json.dumps({**r, "name": name}))
+    footer = section(res, tmp_path).split("Machines: ", 1)[1].split("\n", 1)[0]
+    # the uncapped reading of the test CPU replaces the capped one; the other CPU is named too
+    assert footer.startswith("Test CPU, 2 logical CPUs, no VNNI/AMX, OpenVINO 2026.0") and "Other CPU" in footer
+    assert "ONEDNN_MAX_CPU_ISA" not in footer
