@@ -238,8 +238,10 @@ def kd_loss(student_io, teacher_io, reg_max, temperature=2.0):
         nbox = 4 * reg_max
         sc, tc = s[:, nbox:] / T, t[:, nbox:] / T
         p = torch.sigmoid(tc)
-        # BCE with soft targets minus the targets' own entropy = binary KL (>= 0, same gradient)
-        cls = cls + (F.binary_cross_entropy_with_logits(sc, p) - F.binary_cross_entropy_with_logits(tc, p)) * T * T
+        # binary KL elementwise from log-sigmoids (>= 0; the gradient of BCE with soft targets): the difference of
+        # the two BCE means cancels to a negative rounding error when scores are tiny (untrained heads)
+        kl = p * (F.logsigmoid(tc) - F.logsigmoid(sc)) + (1 - p) * (F.logsigmoid(-tc) - F.logsigmoid(-sc))
+        cls = cls + kl.mean() * T * T
         b, _, h, w = s.shape
         sb = F.log_softmax(s[:, :nbox].reshape(b, 4, reg_max, h, w) / T, 2)
         tb = F.log_softmax(t[:, :nbox].reshape(b, 4, reg_max, h, w) / T, 2)

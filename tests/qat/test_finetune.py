@@ -271,3 +271,21 @@ def test_training_in_channels_last_matches_and_hands_back_the_default_layout():
     trainer.close()
     assert got == pytest.approx(expected, rel=1e-4)
     assert all(p.is_contiguous() for p in list(q.parameters()) + list(fp32.parameters()))
+
+
+
+def test_kd_class_term_stays_positive_for_tiny_scores():
+    """An untrained head's class scores sit near sigmoid(-12): the class KL must match a float64 binary KL for a
+    student that differs (a difference of two BCE means rounds to < 0 there) and be exactly 0 for the teacher."""
+    g = torch.Generator().manual_seed(0)
+    reg_max, nc, T = 16, 6, 2.0
+    tc = -24 + 0.2 * torch.randn(2, nc, 8, 8, generator=g)  # / T: the -12 +- 0.1 of an untrained head
+    sc = tc + 2e-2 * torch.randn(2, nc, 8, 8, generator=g)
+    box = torch.randn(2, 4 * reg_max, 8, 8, generator=g)
+    t, s = torch.cat([box, tc], 1), torch.cat([box, sc], 1)
+    feats = [torch.randn(2, 4, 8, 8, generator=g)]
+    p, q = torch.sigmoid(tc.double() / T), torch.sigmoid(sc.double() / T)
+    want = float((p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean()) * T * T
+    got = float(kd_loss((feats, [s]), (feats, [t]), reg_max, T)["cls"])
+    assert want > 0 and got == pytest.approx(want, rel=0.05)
+    assert float(kd_loss((feats, [t]), (feats, [t]), reg_max, T)["cls"]) == 0
