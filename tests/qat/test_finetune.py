@@ -273,7 +273,6 @@ def test_training_in_channels_last_matches_and_hands_back_the_default_layout():
     assert all(p.is_contiguous() for p in list(q.parameters()) + list(fp32.parameters()))
 
 
-
 def test_kd_class_term_stays_positive_for_tiny_scores():
     """An untrained head's class scores sit near sigmoid(-12): the class KL must match a float64 binary KL for a
     student that differs (a difference of two BCE means rounds to < 0 there) and be exactly 0 for the teacher."""
