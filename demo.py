@@ -73,10 +73,25 @@ def _latency(fp32_onnx, int8_onnx, threads, rounds=5, iters=5, imgsz=320):
 
 def _demo_data_complete(root):
     """The demo dataset is there with its current split sizes (an older or interrupted one is remade)."""
-    from utils.demo_data import N_TRAIN, N_VAL
+    from utils.demo_data import N_SELECT, N_TRAIN, N_VAL
 
     return all(len(list((root / "images" / split).glob("*.jpg"))) == n
-               for split, n in (("train", N_TRAIN), ("val", N_VAL)))
+               for split, n in (("train", N_TRAIN), ("val", N_VAL), ("select", N_SELECT)))
+
+
+def selection_args(data, n, out):
+    """train_qat.py's selection-split options: the first n images of the data yaml's `select:` split
+    (images the checkpoint never trained on) as a list in `out`, else n held-out train images.
+    n, not the whole split: each of the run's ~8 selection evaluations costs n images (time budget)."""
+    from utils.dataloaders import list_image_files
+    from utils.general import check_dataset
+    d = check_dataset(data)
+    if not d.get("select"):
+        return ["--select-images", n]
+    listed = out / "select.txt"
+    with atomic_output(listed) as tmp:
+        tmp.write_text("\n".join(list_image_files(d["select"], "data yaml 'select:' ")[:n]) + "\n")
+    return ["--select-split", listed]
 
 
 def summary(title, report, deployed, best, threads, latency, wall_s):
@@ -123,10 +138,15 @@ def main(argv=None):
                    help="7 for CPUs without VNNI (DESIGN.md section 5)")
     p.add_argument("--calib-method", default="auto", choices=("auto", "max", "percentile", "mse", "entropy"),
                    help="auto: the best rule's PTQ mAP on the selection split")
-    p.add_argument("--recipe", default="layers", choices=("layers", "blocks", "kd"),
+    # kd, not train_qat.py's default (layers): on this well-calibrated 8-bit model kd won back 54 % of the PTQ drop
+    # (benchmarks/results/accuracy-deployed-demo-kd.md) and costs less per iteration; demo.py with layers
+    # (2026-12-07, AMX Xeon): QAT chosen on the 100 selection images but -0.0044 on val, 519 s; with kd -0.0018, 451 s.
+    # layers stays the default: its learned ranges recover badly calibrated models (7-bit + entropy: 82 %)
+    p.add_argument("--recipe", default="kd", choices=("layers", "blocks", "kd"),
                    help="QAT recipe (qat/finetune.py)")
     p.add_argument("--select-images", type=positive_int, default=100,
-                   help="train images held out to choose calibration and the QAT model on (never val)")
+                   help="images to choose calibration and the QAT model on: the first N of the data yaml's "
+                        "'select:' split (the demo data has one), else N train images held out")
     p.add_argument("--threads", type=positive_int, default=2, help="OpenVINO threads for the latency comparison")
     p.add_argument("--name", default="demo")
     opt = p.parse_args(argv)
@@ -140,7 +160,7 @@ def main(argv=None):
     _run("2/5 QAT", ["train_qat.py", "--weights", opt.weights, "--data", opt.data, "--imgsz", opt.imgsz,
                      "--epochs", opt.epochs, "--iters-per-epoch", opt.iters_per_epoch, "--batch-size",
                      opt.batch_size, "--weight-bits", opt.weight_bits, "--calib-method", opt.calib_method, "--recipe",
-                     opt.recipe, "--select-images", opt.select_images, "--device", "cpu", "--workers", "2",
+                     opt.recipe, *selection_args(opt.data, opt.select_images, out), "--device", "cpu", "--workers", "2",
                      "--project", ROOT / "runs/qat", "--name", opt.name, "--exist-ok"])
     qat_best = qat_dir / "weights/qat_best.pt"
     _run("3/5 export Q/DQ ONNX", ["export_qat.py", "--weights", qat_best, "--imgsz", opt.imgsz, "--device", "cpu"])

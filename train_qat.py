@@ -12,8 +12,8 @@
 Stages (qat/pipeline.py): evaluate FP32 -> insert Q/DQ quantizers with shared scales (qat.quantize,
 qat.rules) -> calibrate (qat.calibrate) -> evaluate PTQ -> fine-tune with self-distillation
 against the FP32 model (qat.finetune) -> FP32 vs PTQ vs QAT report. Results in runs/qat/<name>/:
-weights/qat_best.pt (best mAP50-95 on the selection split: --select-split, else --select-images train
-images held out; never the reported val split), weights/qat_last.pt, calibration.md/json
+weights/qat_best.pt (best mAP50-95 on the selection split: --select-split, else the data yaml's
+`select:`, else --select-images train images held out; never the reported val split), weights/qat_last.pt, calibration.md/json
 (--calib-method auto, the default: calibration_selection.md/json), report.md/json (val numbers).
 Export the result with export_qat.py.
 """

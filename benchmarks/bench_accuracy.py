@@ -8,7 +8,8 @@ model (OpenVINO), as mean +- std over seeds, on the demo model and on a quantiza
 Every number comes from the project's own commands, run in this process: `train_qat.run_api`
 (train_qat.py) for PTQ (`--epochs 0`, one run per --calib-method) and QAT (one run per --recipe,
 calibration auto), `export_qat.run` + `val_trt.run --backend openvino` for the deployed row. A seed
-changes the calibration sample, the training data order and the held-out selection split
+changes the calibration sample, the training data order and, when the data yaml has no `select:`
+split (images the checkpoint never trained on; the demo data has one), the held-out selection split
 (`--seed`); the val images stay the same (`--val-images N`: the first N val images, written as a
 list so that train_qat.py and val_trt.py see exactly the same ones).
 
@@ -19,7 +20,8 @@ with entropy calibration (TensorRT's legacy IInt8EntropyCalibrator2 rule), where
 (benchmarks/results/accuracy-w7-entropy-200.md: 320 val images, seeds 0 1 2). The demo checkpoint
 is robust otherwise: auto-calibrated PTQ loses 0.002-0.003 with 8- or 7-bit weights. Rows whose protocol differs are kept apart: train_qat.py
 evaluates with rectangular batches (val.py), val_trt.py with square letterbox batches, so the
-deployed row is compared with the fake-quant and FP32 (quantizers off) rows of the same val_trt run.
+deployed row is compared with the FP32 checkpoint evaluated in the same val_trt run (beside the
+fake-quant row and qat_best.pt's weights in float, which QAT moves too).
 
 Writes benchmarks/results/accuracy-<name>.{md,json,png}.
 """
@@ -38,8 +40,10 @@ from utils.general import LOGGER, UserError, check_dataset, run_cli, yaml_save  
 from utils.torch_utils import atomic_output, save_tables  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-VAL_TRT_FP32 = "FP32 (val_trt protocol)"  # val_trt.py's "PyTorch FP32 (quantizers off)" row: qat_best.pt's weights in float
-# (the checkpoint's own weights when QAT kept the PTQ model, step 0)
+VAL_TRT_FP32 = "FP32 (val_trt protocol)"  # the FP32 checkpoint (--weights) in val_trt.py's protocol: the deployed rows' baseline
+# qat_best.pt's weights with the quantizers off (val_trt.py's "PyTorch FP32 (quantizers off)" row): QAT moves the float
+# model too (recipe kd's weights scored +0.0013 above the FP32 checkpoint in float), so it is no baseline, only a note
+QAT_FLOAT = "float weights of qat_best.pt (val_trt protocol)"
 # calib: the calibration the case's QAT runs start from ('auto': chosen on the selection split)
 CASES = {"demo": {"weight_bits": 8, "calib": "auto"}, "w7": {"weight_bits": 7, "calib": "auto"},
          "w7-entropy": {"weight_bits": 7, "calib": "entropy"}}
@@ -51,8 +55,7 @@ def subset_data(data, n_val, work):
     """A data yaml whose val is the first n_val val images (0: all), as an image list in `work`."""
     from utils.dataloaders import list_image_files
     d = check_dataset(data)
-    out = {k: d[k] for k in ("nc", "names")}
-    out["train"] = d["train"]
+    out = {k: d[k] for k in ("nc", "names", "train", "select") if d.get(k)}
     files = list_image_files(d["val"], "val: ")
     if n_val:
         files = files[:n_val]
@@ -63,26 +66,47 @@ def subset_data(data, n_val, work):
     return str(work / "data.yaml")
 
 
+def selection_description(data, select_images):
+    """What QAT's choices were made on (train_qat.py: the data yaml's `select:` split, else held-out train images)."""
+    from utils.dataloaders import list_image_files
+    d = check_dataset(data)
+    if d.get("select"):
+        return f"the data yaml's select split ({len(list_image_files(d['select']))} images never trained on)"
+    return f"{select_images} held-out train images"
+
+
 def _metrics(row):
     return {k: float(row[k]) for k in ("map", "map50")}
 
 
-def deployed(best_pt, data, imgsz, work, name):
-    """Export qat_best.pt and validate it on OpenVINO (val_trt protocol): deployed, fake-quant and FP32
-    (the same weights with the quantizers off) rows."""
+def deployed(best_pt, fp32_weights, data, imgsz, work, name):
+    """Export qat_best.pt and validate it on OpenVINO with the FP32 checkpoint beside it (val_trt
+    protocol) -> {row label: metrics}: deployed, fake-quant, the FP32 checkpoint (VAL_TRT_FP32) and
+    qat_best.pt's weights in float (QAT_FLOAT)."""
     import export_qat
     import val_trt
     export_qat.run(weights=str(best_pt), imgsz=[imgsz], device="cpu")
-    r = val_trt.run(data=data, onnx=str(Path(best_pt).with_suffix(".onnx")), weights=str(best_pt), imgsz=imgsz,
-                    batch_size=8, backend="openvino", device="cpu", workers=1, reference=False,
-                    project=str(work / "val_trt"), name=name, exist_ok=True)
-    rows = {row["model"]: row for row in r["rows"]}
-    fake = next((v for k, v in rows.items() if "fake-quant" in k), None)
-    dep = next((v for k, v in rows.items() if "OpenVINO" in k or "openvino" in str(v.get("runtime", "")).lower()),
-               None)
-    fp32 = next((v for k, v in rows.items() if "FP32" in k), None)
-    pick = lambda v: {"map": float(v["mAP50-95"]), "map50": float(v["mAP50"])} if v else None  # noqa: E731
-    return pick(dep), pick(fake), pick(fp32)
+    r = val_trt.run(data=data, onnx=str(Path(best_pt).with_suffix(".onnx")), checkpoint=[str(fp32_weights),
+                    str(best_pt)], imgsz=imgsz, batch_size=8, backend="openvino", device="cpu", workers=1,
+                    reference=False, project=str(work / "val_trt"), name=name, exist_ok=True)
+    return val_trt_rows(r["rows"])
+
+
+def val_trt_rows(rows):
+    """val_trt.run's rows (the FP32 checkpoint, then qat_best.pt, then the deployed file) -> {label: metrics}."""
+    pick = lambda v: {"map": float(v["mAP50-95"]), "map50": float(v["mAP50"])}  # noqa: E731
+    out = {}
+    for row in rows:
+        k = row["model"]
+        if "fake-quant" in k:
+            out["fake-quant"] = pick(row)
+        elif "quantizers off" in k:
+            out[QAT_FLOAT] = pick(row)
+        elif k.startswith("PyTorch FP32"):
+            out[VAL_TRT_FP32] = pick(row)
+        elif "openvino" in k.lower() or "openvino" in str(row.get("runtime", "")).lower():
+            out["deployed"] = pick(row)
+    return out
 
 
 def _rule(st):
@@ -118,13 +142,12 @@ def run_case(case, seed, opt, data, work):
             rows[f"PTQ {calib}"] = {**_metrics(r["rows"]["PTQ"]), "chosen": _rule(r["settings"])}
         rows[f"QAT {recipe}"] = {**_metrics(r["rows"]["QAT"]), "chosen": f"step {r['rows']['QAT'].get('step', 0)}"}
         if opt.deploy and recipe == opt.recipes[0]:
-            dep, fake, fp32 = deployed(r["best"], data, opt.imgsz, work, name)
-            if fp32:
-                rows[VAL_TRT_FP32] = fp32
-            if dep:
-                rows[f"deployed OpenVINO (QAT {recipe}, val_trt protocol)"] = dep
-            if fake:
-                rows[f"fake-quant (QAT {recipe}, val_trt protocol)"] = fake
+            got = deployed(r["best"], opt.weights, data, opt.imgsz, work, name)
+            for key, label in ((VAL_TRT_FP32, VAL_TRT_FP32), ("deployed", f"deployed OpenVINO (QAT {recipe}, val_trt "
+                               f"protocol)"), ("fake-quant", f"fake-quant (QAT {recipe}, val_trt protocol)"),
+                               (QAT_FLOAT, f"{QAT_FLOAT[:-1]}, QAT {recipe})")):
+                if key in got:
+                    rows[label] = got[key]
     return rows
 
 
@@ -167,10 +190,12 @@ def to_markdown(result):
     lines = ["# INT8 accuracy: calibration methods, QAT recipes, deployed model", "",
              f"{result['date']}, {o['weights']}, {o['imgsz']} px, val images: {o['val_images'] or 'all'}, "
              f"seeds {o['seeds']}, calibration {o['calib_batches']} batches of {o['batch_size']}, selection split "
-             f"{o['select_images']} held-out train images, QAT {o['epochs']} x {o['iters_per_epoch']} iterations. "
+             f"{result.get('selection') or str(o['select_images']) + ' held-out train images'}, "
+             f"QAT {o['epochs']} x {o['iters_per_epoch']} iterations. "
              f"{result['seconds']:.0f} s.", "",
              "mAP50-95 mean +- std over seeds; Δ against FP32 in the same protocol (train_qat.py's rectangular "
-             "batches, or val_trt.py's square letterbox for the deployed rows). `PTQ auto` picks the rule "
+             "batches, or val_trt.py's square letterbox for the deployed rows, against the FP32 checkpoint "
+             "evaluated in the same val_trt.py run). `PTQ auto` picks the rule "
              "on the selection split, never on val; QAT starts from the case's calibration (auto unless the "
              "case names one); a QAT row is qat_best.pt, chosen on the selection split "
              "(step 0: no QAT evaluation beat PTQ there).", "", f"Command: `{result['command']}`"]
@@ -256,6 +281,7 @@ def main(argv=None):
             for label, row in run_case(case, seed, opt, data, work).items():
                 per_seed[case].setdefault(label, []).append(row)
     result = {"date": datetime.now().isoformat(timespec="seconds"), "options": vars(opt),
+              "selection": selection_description(data, opt.select_images),
               "command": "python benchmarks/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "per_seed": per_seed, "summary": summarise(per_seed), "seconds": time.time() - t0}
     RESULTS.mkdir(parents=True, exist_ok=True)

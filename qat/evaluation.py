@@ -134,16 +134,23 @@ def make_val_fn(data, val_loader, imgsz, batch_size, n_batches=0):
     return val_fn
 
 def selection_split(data, opt, save_dir):
-    """-> (train source for training and calibration, selection source). With --select-split the
-    train set stays whole; otherwise --select-images train images (at most half of them, chosen
-    with --seed) are held out: splits/train.txt and splits/select.txt in the run folder (kept on
-    --resume so the split never changes within a run)."""
+    """-> (train source for training and calibration, selection source). With --select-split, or
+    else the data yaml's `select:` split, the train set stays whole; otherwise --select-images train
+    images (at most half of them, chosen with --seed) are held out: splits/train.txt and
+    splits/select.txt in the run folder (kept on --resume so the split never changes within a run).
+    Held-out train images are the last resort: the checkpoint has fitted them, and on them PTQ ranked
+    above QAT models that were better on unseen images (utils/demo_data.py gives the numbers)."""
     if opt.select_split:
         select = Path(opt.select_split)
         if not select.exists() and isinstance(data.get(opt.select_split), (str, list)):
             return data["train"], data[opt.select_split]  # a key of the data yaml, e.g. 'test'
         list_image_files(str(select), "--select-split ")  # one-line error when there are no images
         return data["train"], str(select)
+    if data.get("select"):
+        return data["train"], _yaml_select_split(data)
+    LOGGER.warning(f"WARNING: selection split: {opt.select_images} train images held out, but the checkpoint "
+                   f"most likely trained on them, which can rank PTQ above better QAT models: add 'select:' "
+                   f"(images the model never trained on) to the data yaml or pass --select-split")
     split_dir = Path(save_dir) / "splits"
     train_txt, select_txt = split_dir / "train.txt", split_dir / "select.txt"
     if not (train_txt.is_file() and select_txt.is_file()):
@@ -161,6 +168,17 @@ def selection_split(data, opt, save_dir):
                 tmp.write_text("\n".join(files[i] for i in sorted(held)) + "\n")
     barrier()  # every rank, whether or not it saw the lists already
     return str(train_txt), str(select_txt)
+
+def _yaml_select_split(data):
+    """The data yaml's `select:` (a folder, .txt list or list of those), absolute against its `path`
+    (an upstream clone's check_dataset resolves train/val/test only)."""
+    root = Path(str(data.get("path") or "."))
+    items = data["select"] if isinstance(data["select"], (list, tuple)) else [data["select"]]
+    items = [str(Path(str(p)) if Path(str(p)).is_absolute() else root / str(p)) for p in items]
+    for p in items:
+        list_image_files(p, "data yaml 'select:' ")  # one-line error when there are no images
+    return items if isinstance(data["select"], (list, tuple)) else items[0]
+
 
 def make_select_loader(select, nc, imgsz, stride, opt, hyp):
     bs = 2 * opt.batch_size // max(WORLD_SIZE, 1)

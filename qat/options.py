@@ -47,9 +47,11 @@ def add_common_args(p):
                    help="percentile for --calib-method percentile")
     p.add_argument("--select-split", default="", metavar="PATH",
                    help="images (folder or .txt list, YOLO labels beside) to choose calibration and the QAT "
-                        "model on; default: --select-images train images held out of training")
+                        "model on, or a data yaml key; default: the data yaml's 'select:' split, else "
+                        "--select-images train images held out of training")
     p.add_argument("--select-images", type=positive_int, default=200,
-                   help="train images held out as the selection split when no --select-split is given")
+                   help="train images held out as the selection split when there is no --select-split and no "
+                        "'select:' in the data yaml")
     p.add_argument("--calib-batches", type=positive_int, default=32,
                    help="calibration batches (train images, all ranks)")
     p.add_argument("--no-last-layer", action="store_true", help="keep the detection head (model.model[-1]) float")

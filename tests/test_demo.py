@@ -1,5 +1,7 @@
 """demo.py's summary: quantization rows (train_qat.py's protocol) and deployment rows (val_trt.py's)
-in separate tables, each with deltas against its own baseline."""
+in separate tables, each with deltas against its own baseline; its selection split."""
+from pathlib import Path
+
 import demo
 
 
@@ -28,3 +30,17 @@ def test_steps_run_single_threaded_unless_told(monkeypatch):
     assert demo._step_env()["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert demo._step_env()["OMP_NUM_THREADS"] == "2"
+
+
+def test_selection_uses_the_first_images_of_the_yamls_select_split(tmp_path):
+    """demo.py's train_qat.py run chooses on the data's `select:` split (images the checkpoint never
+    trained on), its first --select-images of them; without one, on held-out train images."""
+    from utils.demo_data import generate
+
+    data = generate(tmp_path / "d", n_train=2, n_val=1, imgsz=64, n_select=5)
+    args = demo.selection_args(str(data), 3, tmp_path)
+    assert args[0] == "--select-split"
+    listed = Path(args[1]).read_text().split()
+    assert listed == sorted(str(p) for p in (tmp_path / "d" / "images" / "select").glob("*.jpg"))[:3]
+    plain = generate(tmp_path / "p", n_train=2, n_val=1, imgsz=64)
+    assert demo.selection_args(str(plain), 3, tmp_path / "p") == ["--select-images", 3]

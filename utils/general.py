@@ -188,7 +188,7 @@ def check_dataset(data, required=("train", "val")):
     A relative `path` (the dataset root) is resolved against the current directory when it exists
     there (and holds the train/val splits, if it exists in several places), else against the yaml
     file's folder, else against the repository root; without `path`, the yaml file's folder (the
-    current directory for a dict). `train`/`val`/`test` are made absolute (a folder, a .txt list of
+    current directory for a dict). `train`/`val`/`test`/`select` (QAT's selection split) are made absolute (a folder, a .txt list of
     images, or a list of those); `names` becomes a list and `nc` is checked against it. Splits
     named in `required` must exist, others only warn. Nothing is
     ever downloaded: every problem is a UserError saying what is wrong and how to fix it."""
@@ -235,7 +235,7 @@ def check_dataset(data, required=("train", "val")):
         p = Path(str(p)).expanduser()
         return str(p if p.is_absolute() else (root / p).resolve())
 
-    for k in ("train", "val", "test"):
+    for k in ("train", "val", "test", "select"):
         if data.get(k):
             data[k] = [absolute(p) for p in data[k]] if isinstance(data[k], (list, tuple)) else absolute(data[k])
             missing = [p for p in (data[k] if isinstance(data[k], list) else [data[k]]) if not Path(p).exists()]

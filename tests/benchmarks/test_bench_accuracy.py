@@ -55,3 +55,35 @@ def test_deployed_rows_are_compared_with_fp32_of_their_own_protocol():
     assert by["PTQ auto"]["d_map_mean"] == pytest.approx(-0.002)
     assert by["deployed OpenVINO (QAT layers, val_trt protocol)"]["d_map_mean"] == pytest.approx(-0.0005)
     assert by[bench.VAL_TRT_FP32]["d_map_mean"] == pytest.approx(0.0)
+
+
+def test_val_subset_keeps_the_selection_split_and_the_report_names_it(tmp_path):
+    """subset_data keeps the data yaml's `select:` (train_qat.py chooses on it, not on train images)."""
+    import yaml
+
+    from utils.demo_data import generate
+
+    data = generate(tmp_path / "d", n_train=2, n_val=3, imgsz=64, n_select=2)
+    sub = yaml.safe_load(open(bench.subset_data(str(data), 2, tmp_path / "w")))
+    assert sub["select"] == str(tmp_path / "d" / "images" / "select") and len(open(sub["val"]).read().split()) == 2
+    assert bench.selection_description(str(data), 9) == "the data yaml's select split (2 images never trained on)"
+    plain = generate(tmp_path / "p", n_train=2, n_val=3, imgsz=64)
+    assert "select" not in yaml.safe_load(open(bench.subset_data(str(plain), 0, tmp_path / "w2")))
+    assert bench.selection_description(str(plain), 9) == "9 held-out train images"
+
+
+def test_deployed_rows_baseline_is_the_fp32_checkpoint_not_qat_weights_in_float():
+    """val_trt.run's rows with the FP32 checkpoint beside qat_best.pt: the baseline is the checkpoint (QAT moves
+    the float weights too), and qat_best.pt's float row is a note that never counts as a QAT recipe."""
+    def row(model, m):
+        return {"model": model, "mAP50-95": m, "mAP50": 0.7}
+
+    got = bench.val_trt_rows([row("PyTorch FP32 demo-gelan.pt", 0.5098),
+                              row("PyTorch FP32 (quantizers off) qat_best.pt", 0.5111),
+                              row("PyTorch QAT fake-quant qat_best.pt", 0.5094), row("deployed (openvino)", 0.5093)])
+    assert got[bench.VAL_TRT_FP32]["map"] == 0.5098 and got[bench.QAT_FLOAT]["map"] == 0.5111
+    assert got["fake-quant"]["map"] == 0.5094 and got["deployed"]["map"] == 0.5093
+    fp32 = {"map": 0.51, "map50": 0.7}
+    per_seed = {"demo": {"FP32": [fp32], "PTQ auto": [{"map": 0.50, "map50": 0.7}],
+                         "QAT kd": [{"map": 0.505, "map50": 0.7}], f"{bench.QAT_FLOAT[:-1]}, QAT kd)": [fp32]}}
+    assert bench.recovered(bench.summarise(per_seed)["demo"]) == {"QAT kd": pytest.approx(0.5)}

@@ -42,6 +42,25 @@ def test_selection_split_is_held_out_of_train(tmp_path):
         selection_split({"train": _image_dir(tmp_path / "one", 1)}, _opt(), tmp_path / "run5")
 
 
+def test_the_data_yamls_select_split_comes_before_held_out_train_images(tmp_path, caplog):
+    """The yaml's `select:` (images the checkpoint never trained on) is used whole and train stays whole;
+    a relative one resolves against `path` (an upstream clone's check_dataset leaves it as written)."""
+    train = _image_dir(tmp_path / "images" / "train", 10)
+    _image_dir(tmp_path / "images" / "select", 4)
+    data = {"path": str(tmp_path), "train": train, "val": "unused", "select": "images/select"}
+    assert selection_split(data, _opt(), tmp_path / "run") == (train, str(tmp_path / "images" / "select"))
+    assert not (tmp_path / "run" / "splits").exists()
+    assert selection_split(data, _opt(select_split=train), tmp_path / "run2") == (train, train)  # the option wins
+    with pytest.raises(UserError, match="'select:'"):
+        selection_split(dict(data, select="images/nothing"), _opt(), tmp_path / "run3")
+    # without one: held-out train images, with a warning that the checkpoint most likely trained on them
+    caplog.clear()
+    data.pop("select")
+    with caplog.at_level("WARNING"):
+        selection_split(data, _opt(), tmp_path / "run4")
+    assert "most likely trained on them" in caplog.text
+
+
 def test_auto_calibration_picks_the_best_candidate_on_the_selection_split(tmp_path):
     """The candidate with the highest selection mAP50-95 is loaded and named in the settings."""
     s = QuantSettings(calib_method="auto")

@@ -68,9 +68,26 @@ def test_labels_are_valid_yolo_boxes_of_several_classes(tmp_path):
     assert Path(d["path"]) == root.resolve() and d["names"] == list(CLASS_NAMES) and d["nc"] == len(CLASS_NAMES)
 
 
+def test_select_split_is_new_images_and_leaves_train_and_val_unchanged(tmp_path):
+    """The selection split: images of their own (never the checkpoint's train images), in the yaml as
+    `select:`; adding it changes no train or val byte (image i depends on (seed, split, i) only)."""
+    plain = generate(tmp_path / "plain", n_train=4, n_val=2, imgsz=64, seed=3)
+    with_select = generate(tmp_path / "sel", n_train=4, n_val=2, imgsz=64, seed=3, n_select=3)
+    for split in ("train", "val"):
+        assert _digest(plain.parent / "images" / split) == _digest(with_select.parent / "images" / split)
+    d = check_dataset(with_select)
+    assert d["select"] == str(with_select.parent / "images" / "select") and "select" not in yaml.safe_load(
+        plain.read_text())
+    select = {p.read_bytes() for p in Path(d["select"]).glob("*.jpg")}
+    seen = {p.read_bytes() for p in with_select.parent.glob("images/[tv]*/*.jpg")}
+    assert len(select) == 3 and not select & seen
+    assert len(list((with_select.parent / "labels" / "select").glob("*.txt"))) == 3
+
+
 def test_repo_yaml_points_at_datasets_demo(tmp_path, monkeypatch):
     d = yaml.safe_load((ROOT / "data" / "demo.yaml").read_text())
     assert d["path"] == "datasets/demo" and d["train"] == "images/train" and d["val"] == "images/val"
+    assert d["select"] == "images/select" and demo_data.parse_opt([]).n_select == demo_data.N_SELECT > 0
     assert d["names"] == list(CLASS_NAMES) and d["nc"] == len(CLASS_NAMES)
     assert demo_data.parse_opt([]).out == "datasets/demo"
     # a relative `path` also resolves against the repository root, from any working directory
@@ -101,13 +118,16 @@ def test_cli(tmp_path, capsys):
 
 
 def test_demo_py_remakes_an_old_or_partial_dataset(tmp_path, monkeypatch):
-    """demo.py regenerates the demo data unless both splits have the current sizes (N_TRAIN, N_VAL)."""
+    """demo.py regenerates the demo data unless every split has its current size (N_TRAIN, N_VAL, N_SELECT)."""
     import demo
 
     monkeypatch.setattr(demo_data, "N_TRAIN", 3)
     monkeypatch.setattr(demo_data, "N_VAL", 2)
+    monkeypatch.setattr(demo_data, "N_SELECT", 2)
     assert not demo._demo_data_complete(tmp_path)  # absent
     generate(tmp_path, n_train=3, n_val=2, imgsz=64)
+    assert not demo._demo_data_complete(tmp_path)  # made before the selection split existed
+    generate(tmp_path, n_train=3, n_val=2, imgsz=64, n_select=2)
     assert demo._demo_data_complete(tmp_path)
     monkeypatch.setattr(demo_data, "N_VAL", 4)  # an older, smaller val split
     assert not demo._demo_data_complete(tmp_path)
