@@ -139,7 +139,7 @@ def main(argv=None):
     p.add_argument("--calib-method", default="auto", choices=("auto", "max", "percentile", "mse", "entropy"),
                    help="auto: the best rule's PTQ mAP on the selection split")
     # kd, not train_qat.py's default (layers): on this well-calibrated 8-bit model kd won back 54 % of the PTQ drop
-    # (benchmarks/results/accuracy-deployed-demo-kd.md) and costs less per iteration; demo.py with layers
+    # (benchmarks/results/accuracy-deployed-demo-kd.md); demo.py with layers
     # (2026-12-07, AMX Xeon): QAT chosen on the 100 selection images but -0.0044 on val, 519 s; with kd -0.0018, 451 s.
     # layers stays the default: its learned ranges recover badly calibrated models (7-bit + entropy: 82 %)
     p.add_argument("--recipe", default="kd", choices=("layers", "blocks", "kd"),

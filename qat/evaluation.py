@@ -173,11 +173,10 @@ def _yaml_select_split(data):
     """The data yaml's `select:` (a folder, .txt list or list of those), absolute against its `path`
     (an upstream clone's check_dataset resolves train/val/test only)."""
     root = Path(str(data.get("path") or "."))
-    items = data["select"] if isinstance(data["select"], (list, tuple)) else [data["select"]]
-    items = [str(Path(str(p)) if Path(str(p)).is_absolute() else root / str(p)) for p in items]
-    for p in items:
-        list_image_files(p, "data yaml 'select:' ")  # one-line error when there are no images
-    return items if isinstance(data["select"], (list, tuple)) else items[0]
+    one = not isinstance(data["select"], (list, tuple))
+    items = [str(root / str(p)) for p in ([data["select"]] if one else data["select"])]  # an absolute p stays p
+    list_image_files(items, "data yaml 'select:' ")  # one-line error when there are no images
+    return items[0] if one else items
 
 
 def make_select_loader(select, nc, imgsz, stride, opt, hyp):

@@ -414,10 +414,11 @@ def _init_worker():
 
 def _yaml_text(path, header, select=False):
     names = ", ".join(CLASS_NAMES)
-    select = "select: images/select  # images the checkpoint never trained on: QAT's selection split\n" if select else ""
+    select_line = "select: images/select  # images the checkpoint never trained on: QAT's selection split\n" \
+        if select else ""
     return (f"# {header}\n"
             f"# Relative `path` = relative to the repository root (upstream convention); see utils/demo_data.py\n"
-            f"path: {path}\ntrain: images/train\nval: images/val\n{select}\nnc: {len(CLASS_NAMES)}\n"
+            f"path: {path}\ntrain: images/train\nval: images/val\n{select_line}\nnc: {len(CLASS_NAMES)}\n"
             f"names: [{names}]\n")
 
 
