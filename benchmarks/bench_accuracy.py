@@ -5,9 +5,11 @@ model (OpenVINO), as mean +- std over seeds, on the demo model and on a quantiza
     python benchmarks/bench_accuracy.py --seeds 0 --val-images 16 --calib-batches 2 --select-images 8 \
         --epochs 1 --iters-per-epoch 2 --methods max mse --recipes layers --cases demo --name tiny
 
-Every number comes from the project's own commands, run in this process: `train_qat.run_api`
+Every number comes from the project's own commands, run in this process (the deployed rows in a spawned
+child): `train_qat.run_api`
 (train_qat.py) for PTQ (`--epochs 0`, one run per --calib-method) and QAT (one run per --recipe,
-calibration auto), `export_qat.run` + `val_trt.run --backend openvino` for the deployed row. A seed
+calibration auto), `export_qat.run` + `val_trt.run --backend openvino` for the deployed rows (fully INT8,
+and with the head float as `export_qat.py --no-last-layer` writes it). A seed
 changes the calibration sample, the training data order and, when the data yaml has no `select:`
 split (images the checkpoint never trained on; the demo data has one), the held-out selection split
 (`--seed`); the val images stay the same (`--val-images N`: the first N val images, written as a
@@ -44,6 +46,8 @@ VAL_TRT_FP32 = "FP32 (val_trt protocol)"  # the FP32 checkpoint (--weights) in v
 # qat_best.pt's weights with the quantizers off (val_trt.py's "PyTorch FP32 (quantizers off)" row): QAT moves the float
 # model too (recipe kd's weights scored +0.0014 above the FP32 checkpoint in float), so it is no baseline, only a note
 QAT_FLOAT = "float weights of qat_best.pt (val_trt protocol)"
+HEAD_FLOAT = "deployed head-float"  # the same qat_best.pt exported with --no-last-layer (detection head without Q/DQ)
+HEAD_FLOAT_SUFFIX = "-head-float"
 # calib: the calibration the case's QAT runs start from ('auto': chosen on the selection split)
 CASES = {"demo": {"weight_bits": 8, "calib": "auto"}, "w7": {"weight_bits": 7, "calib": "auto"},
          "w7-entropy": {"weight_bits": 7, "calib": "entropy"}}
@@ -80,20 +84,41 @@ def _metrics(row):
 
 
 def deployed(best_pt, fp32_weights, data, imgsz, work, name):
-    """Export qat_best.pt and validate it on OpenVINO with the FP32 checkpoint beside it (val_trt
-    protocol) -> {row label: metrics}: deployed, fake-quant, the FP32 checkpoint (VAL_TRT_FP32) and
-    qat_best.pt's weights in float (QAT_FLOAT)."""
+    """Export qat_best.pt twice, fully INT8 and with the detection head float (export_qat.py
+    --no-last-layer, as the README's export command does), and validate both on
+    OpenVINO with the FP32 checkpoint beside them (val_trt protocol) -> {row key: metrics}: deployed,
+    HEAD_FLOAT, fake-quant, the FP32 checkpoint (VAL_TRT_FP32) and qat_best.pt's weights in float (QAT_FLOAT)."""
+    import shutil
+
     import export_qat
     import val_trt
+    best_pt = Path(best_pt)
+    # export_qat.py writes <weights stem>.onnx beside the weights: a copy under its own stem keeps the two files apart
+    head_float_pt = work / "deploy" / name / f"{best_pt.stem}{HEAD_FLOAT_SUFFIX}.pt"
+    head_float_pt.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best_pt, head_float_pt)
     export_qat.run(weights=str(best_pt), imgsz=[imgsz], device="cpu")
-    r = val_trt.run(data=data, onnx=str(Path(best_pt).with_suffix(".onnx")), checkpoint=[str(fp32_weights),
-                    str(best_pt)], imgsz=imgsz, batch_size=8, backend="openvino", device="cpu", workers=1,
-                    reference=False, project=str(work / "val_trt"), name=name, exist_ok=True)
+    export_qat.run(weights=str(head_float_pt), imgsz=[imgsz], device="cpu", no_last_layer=True)
+    onnx = [str(best_pt.with_suffix(".onnx")), str(head_float_pt.with_suffix(".onnx"))]
+    r = val_trt.run(data=data, weights=onnx, checkpoint=[str(fp32_weights), str(best_pt)], imgsz=imgsz, batch_size=8,
+                    backend="openvino", device="cpu", workers=1, reference=False, project=str(work / "val_trt"),
+                    name=name, exist_ok=True)
     return val_trt_rows(r["rows"])
 
 
+def deployed_in_child(*args):
+    """`deployed` in a fresh (spawned) process: OpenVINO's runtime never shares a process with the next
+    seed's calibration and training (one run here died with a segmentation fault in the calibration
+    that followed two OpenVINO models compiled in the same process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(deployed, *args).result()
+
+
 def val_trt_rows(rows):
-    """val_trt.run's rows (the FP32 checkpoint, then qat_best.pt, then the deployed file) -> {label: metrics}."""
+    """val_trt.run's rows (the FP32 checkpoint, then qat_best.pt, then the deployed files) -> {key: metrics}."""
     pick = lambda v: {"map": float(v["mAP50-95"]), "map50": float(v["mAP50"])}  # noqa: E731
     out = {}
     for row in rows:
@@ -105,7 +130,7 @@ def val_trt_rows(rows):
         elif k.startswith("PyTorch FP32"):
             out[VAL_TRT_FP32] = pick(row)
         elif "openvino" in k.lower() or "openvino" in str(row.get("runtime", "")).lower():
-            out["deployed"] = pick(row)
+            out[HEAD_FLOAT if f"{HEAD_FLOAT_SUFFIX}.onnx" in k else "deployed"] = pick(row)
     return out
 
 
@@ -135,7 +160,8 @@ def run_case(case, seed, opt, data, work):
         name = f"{case}-qat-{recipe}-s{seed}"
         r = train_qat.run_api(**base, calib_method=calib, recipe=recipe, epochs=opt.epochs,
                               iters_per_epoch=opt.iters_per_epoch, eval_period=opt.eval_period,
-                              learn_ranges=opt.learn_ranges, no_eval_origin="FP32" in rows, name=name)
+                              learn_ranges=opt.learn_ranges, range_lr_mult=opt.range_lr_mult,
+                              no_eval_origin="FP32" in rows, name=name)
         if "FP32" in r["rows"]:
             rows["FP32"] = _metrics(r["rows"]["FP32"])
         if f"PTQ {calib}" not in rows:  # the QAT run's own starting point: the same calibration and seed
@@ -143,9 +169,10 @@ def run_case(case, seed, opt, data, work):
         rows[f"QAT {recipe}"] = {**_metrics(r["rows"]["QAT"]), "chosen": f"step {r['rows']['QAT'].get('step', 0)}"}
         if opt.deploy and recipe == opt.recipes[0]:
             labels = {VAL_TRT_FP32: VAL_TRT_FP32, "deployed": f"deployed OpenVINO (QAT {recipe}, val_trt protocol)",
+                      HEAD_FLOAT: f"deployed OpenVINO, head float (QAT {recipe}, --no-last-layer, val_trt protocol)",
                       "fake-quant": f"fake-quant (QAT {recipe}, val_trt protocol)",
                       QAT_FLOAT: f"float weights of qat_best.pt (val_trt protocol, QAT {recipe})"}
-            for key, row in deployed(r["best"], opt.weights, data, opt.imgsz, work, name).items():
+            for key, row in deployed_in_child(r["best"], opt.weights, data, opt.imgsz, work, name).items():
                 rows[labels[key]] = row
     return rows
 
@@ -260,6 +287,8 @@ def parse_opt(argv=None):
                    help="train_qat.py --bias-correction for every PTQ and QAT run (0: off)")
     p.add_argument("--learn-ranges", action=argparse.BooleanOptionalAction, default=None,
                    help="train_qat.py --learn-ranges / --no-learn-ranges for the QAT runs (default: the recipe's)")
+    p.add_argument("--range-lr-mult", type=float, default=None,
+                   help="train_qat.py --range-lr-mult for the QAT runs (default: the recipe's)")
     p.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip export + OpenVINO")
     p.add_argument("--name", default="demo-gelan")
     return p.parse_args(argv)

@@ -14,7 +14,8 @@ calibration images.
 Rows, per batch size: the FP32 ONNX under OpenVINO's default precision (bf16 on CPUs that have it:
 what a user gets out of the box) and forced f32; the QAT Q/DQ ONNX in both activation forms (int8
 zero point 0 as exported, uint8 zero point 128), the one qat.deploy.openvino.choose_form picks for
-this CPU marked as deployed (--act-form overrides); NNCF; an exported IR folder (--ir) if given.
+this CPU marked as deployed (--act-form overrides); the deployed form with the detection head float
+(what export_qat.py --no-last-layer writes); NNCF; an exported IR folder (--ir) if given.
 INT8 rows run with float layers in f32, as deployed. Every ratio is against the fastest float row;
 an INT8 row slower than it says so. The models take turns, round by round, so load on a shared
 machine hits them alike. Also: INT8 vs float convolutions of OpenVINO's runtime model, the per-op
@@ -194,6 +195,25 @@ def _form_models(q_onnx, choice):
     return out
 
 
+def _head_float_model(qmodel, path, imgsz, choice):
+    """{label: (ov.Model, 'f32')} of the QAT model with its detection head float (what export_qat.py
+    --no-last-layer writes, the README's export command) in the chosen activation form."""
+    import onnx
+
+    from qat.deploy.openvino import prepare_onnx, read_onnx
+    from qat.export import export_qat_onnx
+    from qat.quantize import disable_slots, head_prefix
+
+    model = deepcopy(qmodel)
+    disable_slots(model, [head_prefix(model)])
+    export_qat_onnx(model, path, imgsz, batch_size=1, dynamic=True)
+    m = onnx.load(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare_onnx(m, choice)
+    return {f"QAT Q/DQ, head float (--no-last-layer), {choice.act_form} form": (read_onnx(m), "f32")}
+
+
 def headline(results, batch="1"):
     """One sentence: the deployed model against the fastest float row (and NNCF) at `batch`."""
     from qat.deploy.latency import speed_phrase
@@ -251,7 +271,8 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
                              threads, [1, 3, imgsz, imgsz])
         LOGGER.info(f"OpenVINO INT8 form for this CPU: {choice.describe()}")
         floats = {f"FP32 ONNX, {label}": (read_onnx(f_onnx), prec) for label, prec in float_precisions().items()}
-        models = {**floats, **_form_models(q_onnx, choice)}
+        models = {**floats, **_form_models(q_onnx, choice),
+                  **_head_float_model(qmodel, Path(tmp) / "qat-head-float.onnx", imgsz, choice)}
         deployed = next(k for k in models if k.endswith("(deployed)"))
         if nncf:
             t0 = time.time()

@@ -87,3 +87,18 @@ def test_deployed_rows_baseline_is_the_fp32_checkpoint_not_qat_weights_in_float(
     per_seed = {"demo": {"FP32": [fp32], "PTQ auto": [{"map": 0.50, "map50": 0.7}],
                          "QAT kd": [{"map": 0.505, "map50": 0.7}], f"{bench.QAT_FLOAT[:-1]}, QAT kd)": [fp32]}}
     assert bench.recovered(bench.summarise(per_seed)["demo"]) == {"QAT kd": pytest.approx(0.5)}
+
+
+def test_head_float_export_gets_its_own_deployed_row():
+    """val_trt.run with qat_best.onnx and its --no-last-layer export (two files: each row named after its file):
+    the head-float file's row is kept apart from the fully INT8 one, and both compare with the FP32 checkpoint."""
+    def row(model, m):
+        return {"model": model, "mAP50-95": m, "mAP50": 0.7, "runtime": "openvino CPU"}
+
+    got = bench.val_trt_rows([row("PyTorch FP32 demo-gelan.pt", 0.5098),
+                              row("deployed (openvino) qat_best.onnx", 0.5087),
+                              row(f"deployed (openvino) qat_best{bench.HEAD_FLOAT_SUFFIX}.onnx", 0.5101)])
+    assert got["deployed"]["map"] == 0.5087 and got[bench.HEAD_FLOAT]["map"] == 0.5101
+    label = "deployed OpenVINO, head float (QAT kd, --no-last-layer, val_trt protocol)"
+    table = bench.summarise({"demo": {bench.VAL_TRT_FP32: [got[bench.VAL_TRT_FP32]], label: [got[bench.HEAD_FLOAT]]}})
+    assert {r["model"]: r["d_map_mean"] for r in table["demo"]}[label] == pytest.approx(0.0003)

@@ -1,6 +1,7 @@
 """benchmarks/bench_latency.py on the tiny test network: float rows under the runtime's default precision
-and f32, both activation forms with the deployed one marked, ratios against the fastest float, the
-per-op profile, an IR folder as a row (the real numbers come from running it on gelan-c / the demo model)."""
+and f32, both activation forms with the deployed one marked, the head-float (--no-last-layer) row, ratios
+against the fastest float, the per-op profile, an IR folder as a row (the real numbers come from running
+it on gelan-c / the demo model)."""
 import json
 import sys
 from pathlib import Path
@@ -23,9 +24,13 @@ def test_rows_ratios_profile_and_files(tmp_path):
     floats = [k for k in r["batches"]["1"] if k.startswith("FP32 ONNX")]
     assert len(floats) == 2 and floats[1] == "FP32 ONNX, f32" and floats[0].startswith("FP32 ONNX, default (")
     assert r["deployed"] == f"QAT Q/DQ, {chosen.act_form} form (deployed)" and r["choice"]["act_form"] == chosen.act_form
+    head_float = f"QAT Q/DQ, head float (--no-last-layer), {chosen.act_form} form"
     assert [k for k in r["batches"]["1"] if "form" in k] == [
         "QAT Q/DQ, int8 form" + (" (deployed)" if chosen.act_form == "int8" else ""),
-        "QAT Q/DQ, uint8 form" + (" (deployed)" if chosen.act_form == "uint8" else "")]
+        "QAT Q/DQ, uint8 form" + (" (deployed)" if chosen.act_form == "uint8" else ""), head_float]
+    # the head's convolutions run in float there, every other one as deployed
+    dep, hf = r["batches"]["1"][r["deployed"]], r["batches"]["1"][head_float]
+    assert 0 < hf["int8_convs"] < dep["int8_convs"] and hf["convs"] == dep["convs"]
     ir_row = "IR qat_openvino_model"  # exported with a static batch of 2: no row at batch 1, timed at 2
     assert "error" in r["batches"]["1"].pop(ir_row) and r["batches"]["2"][ir_row]["int8_convs"] > 0
     for b, rows in r["batches"].items():
