@@ -88,18 +88,15 @@ def deployed(best_pt, fp32_weights, data, imgsz, work, name):
     --no-last-layer, as the README's export command does), and validate both on
     OpenVINO with the FP32 checkpoint beside them (val_trt protocol) -> {row key: metrics}: deployed,
     HEAD_FLOAT, fake-quant, the FP32 checkpoint (VAL_TRT_FP32) and qat_best.pt's weights in float (QAT_FLOAT)."""
-    import shutil
-
     import export_qat
     import val_trt
     best_pt = Path(best_pt)
-    # export_qat.py writes <weights stem>.onnx beside the weights: a copy under its own stem keeps the two files apart
-    head_float_pt = work / "deploy" / name / f"{best_pt.stem}{HEAD_FLOAT_SUFFIX}.pt"
-    head_float_pt.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best_pt, head_float_pt)
+    # export_qat.py writes <weights stem>.onnx beside the weights: the head-float export is renamed before the second
+    head_float = best_pt.with_name(f"{best_pt.stem}{HEAD_FLOAT_SUFFIX}.onnx")
+    export_qat.run(weights=str(best_pt), imgsz=[imgsz], device="cpu", no_last_layer=True)
+    best_pt.with_suffix(".onnx").replace(head_float)
     export_qat.run(weights=str(best_pt), imgsz=[imgsz], device="cpu")
-    export_qat.run(weights=str(head_float_pt), imgsz=[imgsz], device="cpu", no_last_layer=True)
-    onnx = [str(best_pt.with_suffix(".onnx")), str(head_float_pt.with_suffix(".onnx"))]
+    onnx = [str(best_pt.with_suffix(".onnx")), str(head_float)]
     r = val_trt.run(data=data, weights=onnx, checkpoint=[str(fp32_weights), str(best_pt)], imgsz=imgsz, batch_size=8,
                     backend="openvino", device="cpu", workers=1, reference=False, project=str(work / "val_trt"),
                     name=name, exist_ok=True)
