@@ -13,7 +13,9 @@ and with the head float as `export_qat.py --no-last-layer` writes it). A seed
 changes the calibration sample, the training data order and, when the data yaml has no `select:`
 split (images the checkpoint never trained on; the demo data has one), the held-out selection split
 (`--seed`); the val images stay the same (`--val-images N`: the first N val images, written as a
-list so that train_qat.py and val_trt.py see exactly the same ones).
+list so that train_qat.py and val_trt.py see exactly the same ones). `--auto-skip BUDGET` runs the QAT
+recipes with train_qat.py --auto-skip (the fewest layers kept float for PTQ within BUDGET of FP32 on the
+selection split): their rows, their PTQ starting point and the deployed rows say so and name the layers.
 
 Cases: `demo` (8-bit weights), `w7` (7-bit weights, what CPUs without VNNI need: coarser, so
 PTQ loses more; DESIGN.md section 5) and `w7-entropy`, the quantization-sensitive case: 7-bit weights
@@ -131,6 +133,18 @@ def val_trt_rows(rows):
     return out
 
 
+def skip_suffix(budget):
+    """Label suffix of the rows of QAT runs with train_qat.py --auto-skip (their PTQ row too: it has the float layers)."""
+    return "" if budget is None else f", auto-skip {budget:g}"
+
+
+def float_layers(settings):
+    """'; float 15 22': the top-level layers --auto-skip kept in float (from the run's skip regexes)."""
+    import re
+    layers = [m.group(1) for p in settings.skip_layers if (m := re.fullmatch(r"\^model\\\.(\d+)\\\.", p))]
+    return f"; float {' '.join(layers) or 'none'}"
+
+
 def _rule(st):
     """The calibration rule a run used (auto: the one it chose)."""
     return f"percentile {st.percentile:g}" if st.calib_method == "percentile" else st.calib_method
@@ -153,22 +167,26 @@ def run_case(case, seed, opt, data, work):
         if method == "auto":  # which rule the selection split chose
             row["chosen"] = _rule(r["settings"])
         rows[f"PTQ {method}"] = row
+    skip = skip_suffix(opt.auto_skip)
     for recipe in opt.recipes:
         name = f"{case}-qat-{recipe}-s{seed}"
         r = train_qat.run_api(**base, calib_method=calib, recipe=recipe, epochs=opt.epochs,
                               iters_per_epoch=opt.iters_per_epoch, eval_period=opt.eval_period,
                               learn_ranges=opt.learn_ranges, range_lr_mult=opt.range_lr_mult,
-                              no_eval_origin="FP32" in rows, name=name)
+                              auto_skip=opt.auto_skip, no_eval_origin="FP32" in rows, name=name)
         if "FP32" in r["rows"]:
             rows["FP32"] = _metrics(r["rows"]["FP32"])
-        if f"PTQ {calib}" not in rows:  # the QAT run's own starting point: the same calibration and seed
-            rows[f"PTQ {calib}"] = {**_metrics(r["rows"]["PTQ"]), "chosen": _rule(r["settings"])}
-        rows[f"QAT {recipe}"] = {**_metrics(r["rows"]["QAT"]), "chosen": f"step {r['rows']['QAT'].get('step', 0)}"}
+        floats = float_layers(r["settings"]) if skip else ""
+        if f"PTQ {calib}{skip}" not in rows:  # the QAT run's own starting point: the same calibration and seed
+            rows[f"PTQ {calib}{skip}"] = {**_metrics(r["rows"]["PTQ"]), "chosen": _rule(r["settings"]) + floats}
+        rows[f"QAT {recipe}{skip}"] = {**_metrics(r["rows"]["QAT"]),
+                                      "chosen": f"step {r['rows']['QAT'].get('step', 0)}{floats}"}
         if opt.deploy and recipe == opt.recipes[0]:
-            labels = {VAL_TRT_FP32: VAL_TRT_FP32, "deployed": f"deployed OpenVINO (QAT {recipe}, val_trt protocol)",
-                      HEAD_FLOAT: f"deployed OpenVINO, head float (QAT {recipe}, --no-last-layer, val_trt protocol)",
-                      "fake-quant": f"fake-quant (QAT {recipe}, val_trt protocol)",
-                      QAT_FLOAT: f"float weights of qat_best.pt (val_trt protocol, QAT {recipe})"}
+            labels = {VAL_TRT_FP32: VAL_TRT_FP32,
+                      "deployed": f"deployed OpenVINO (QAT {recipe}{skip}, val_trt protocol)",
+                      HEAD_FLOAT: f"deployed OpenVINO, head float (QAT {recipe}{skip}, --no-last-layer, val_trt protocol)",
+                      "fake-quant": f"fake-quant (QAT {recipe}{skip}, val_trt protocol)",
+                      QAT_FLOAT: f"float weights of qat_best.pt (val_trt protocol, QAT {recipe}{skip})"}
             for key, row in deployed_in_child(r["best"], opt.weights, data, opt.imgsz, work, name).items():
                 rows[labels[key]] = row
     return rows
@@ -197,11 +215,11 @@ def summarise(per_seed):
     return out
 
 
-def recovered(table, calib="auto"):
-    """Share of the PTQ drop (the calibration the QAT runs start from) that each QAT recipe wins
-    back, from the means."""
+def recovered(table, calib="auto", skip=""):
+    """Share of the PTQ drop (the calibration the QAT runs start from, with the same --auto-skip float
+    layers: `skip` is the rows' skip_suffix) that each QAT recipe wins back, from the means."""
     by = {r["model"]: r for r in table}
-    fp32, ptq = by.get("FP32"), by.get(f"PTQ {calib}")
+    fp32, ptq = by.get("FP32"), by.get(f"PTQ {calib}{skip}")
     if not (fp32 and ptq) or fp32["map_mean"] - ptq["map_mean"] <= 0:
         return {}
     drop = fp32["map_mean"] - ptq["map_mean"]
@@ -230,7 +248,7 @@ def to_markdown(result):
             d = f"{r['d_map_mean']:+.4f}" if "d_map_mean" in r else ""
             lines.append(f"| {r['model']} | {r['map_mean']:.4f} ± {r['map_std']:.4f} | {d} | {r['map50_mean']:.4f} "
                          f"| {r['n']} | {', '.join(map(str, r.get('chosen', [])))} |")
-        rec = recovered(table, CASES[case]["calib"])
+        rec = recovered(table, CASES[case]["calib"], skip_suffix(o.get("auto_skip")))
         if rec:
             lines += ["", f"Share of the PTQ ({CASES[case]['calib']}) drop recovered: " +
                       ", ".join(f"{k} {v:.0%}" for k, v in rec.items())]
@@ -286,6 +304,9 @@ def parse_opt(argv=None):
                    help="train_qat.py --learn-ranges / --no-learn-ranges for the QAT runs (default: the recipe's)")
     p.add_argument("--range-lr-mult", type=float, default=None,
                    help="train_qat.py --range-lr-mult for the QAT runs (default: the recipe's)")
+    p.add_argument("--auto-skip", type=float, default=None, metavar="BUDGET",
+                   help="train_qat.py --auto-skip for the QAT runs: the fewest layers float for mAP50-95 >= FP32 - "
+                        "BUDGET on the selection split (their rows say ', auto-skip BUDGET' and which layers)")
     p.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip export + OpenVINO")
     p.add_argument("--name", default="demo-gelan")
     return p.parse_args(argv)

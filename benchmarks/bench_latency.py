@@ -15,7 +15,8 @@ Rows, per batch size: the FP32 ONNX under OpenVINO's default precision (bf16 on 
 what a user gets out of the box) and forced f32; the QAT Q/DQ ONNX in both activation forms (int8
 zero point 0 as exported, uint8 zero point 128), the one qat.deploy.openvino.choose_form picks for
 this CPU marked as deployed (--act-form overrides); the deployed form with the detection head float
-(what export_qat.py --no-last-layer writes); NNCF; an exported IR folder (--ir) if given.
+(what export_qat.py --no-last-layer writes); with --float-layers, the deployed form with those
+top-level layers float (train_qat.py --auto-skip's set); NNCF; an exported IR folder (--ir) if given.
 INT8 rows run with float layers in f32, as deployed. Every ratio is against the fastest float row;
 an INT8 row slower than it says so. The models take turns, round by round, so load on a shared
 machine hits them alike. Also: INT8 vs float convolutions of OpenVINO's runtime model, the per-op
@@ -195,23 +196,26 @@ def _form_models(q_onnx, choice):
     return out
 
 
-def _head_float_model(qmodel, path, imgsz, choice):
-    """{label: (ov.Model, 'f32')} of the QAT model with its detection head float (what export_qat.py
-    --no-last-layer writes, the README's export command) in the chosen activation form."""
+def _partly_float_model(qmodel, layers, path, imgsz, choice):
+    """{label: (ov.Model, 'f32')} of the QAT model with the top-level layers `layers` float, in the chosen
+    activation form: the detection head alone (None: what export_qat.py --no-last-layer writes, the README's
+    export command), or a --float-layers set (what train_qat.py --skip-layers / --auto-skip keep float)."""
     import onnx
 
     from qat.deploy.openvino import prepare_onnx, read_onnx
     from qat.export import export_qat_onnx
     from qat.quantize import disable_slots, head_prefix
+    from qat.sensitivity import layer_prefix
 
     model = deepcopy(qmodel)
-    disable_slots(model, [head_prefix(model)])
+    disable_slots(model, [head_prefix(model)] if layers is None else [layer_prefix(i) for i in layers])
     export_qat_onnx(model, path, imgsz, batch_size=1, dynamic=True)
     m = onnx.load(str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepare_onnx(m, choice)
-    return {f"QAT Q/DQ, head float (--no-last-layer), {choice.act_form} form": (read_onnx(m), "f32")}
+    what = "head float (--no-last-layer)" if layers is None else f"layers {' '.join(map(str, layers))} float"
+    return {f"QAT Q/DQ, {what}, {choice.act_form} form": (read_onnx(m), "f32")}
 
 
 def headline(results, batch="1"):
@@ -235,7 +239,7 @@ def headline(results, batch="1"):
 
 def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, batch_sizes=(1, 4, 8), threads=2,
         iters=5, rounds=4, warmup=2, calib_images=8, nncf=True, act_form="auto", vnni="auto", ir=None, profile=True,
-        name=None, out=RESULTS, trusted=False):
+        name=None, out=RESULTS, trusted=False, float_layers=()):
     import onnx
     import openvino as ov
 
@@ -259,6 +263,9 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
     t0 = time.time()
     fp32, qmodel, desc = build_models(cfg, weights, imgsz, calib, trusted)
     LOGGER.info(f"models ready ({time.time() - t0:.0f} s): {desc}")
+    bad = [i for i in float_layers if i >= len(qmodel.model)]
+    if bad:
+        raise UserError(f"--float-layers {bad[0]}: the network has layers 0-{len(qmodel.model) - 1}")
 
     with tempfile.TemporaryDirectory() as tmp:
         f_onnx, q_onnx = Path(tmp) / "fp32.onnx", Path(tmp) / "qat.onnx"
@@ -272,7 +279,9 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
         LOGGER.info(f"OpenVINO INT8 form for this CPU: {choice.describe()}")
         floats = {f"FP32 ONNX, {label}": (read_onnx(f_onnx), prec) for label, prec in float_precisions().items()}
         models = {**floats, **_form_models(q_onnx, choice),
-                  **_head_float_model(qmodel, Path(tmp) / "qat-head-float.onnx", imgsz, choice)}
+                  **_partly_float_model(qmodel, None, Path(tmp) / "qat-head-float.onnx", imgsz, choice)}
+        if float_layers:
+            models.update(_partly_float_model(qmodel, float_layers, Path(tmp) / "qat-float-layers.onnx", imgsz, choice))
         deployed = next(k for k in models if k.endswith("(deployed)"))
         if nncf:
             t0 = time.time()
@@ -411,6 +420,8 @@ def parse_opt(argv=None):
     p.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
                    help="deployed weight bits: no -> 7-bit weights; auto = by this CPU")
     p.add_argument("--ir", default=None, help="also time this OpenVINO IR folder (export_qat.py --include openvino)")
+    p.add_argument("--float-layers", type=nonneg_int, nargs="+", default=[], metavar="N",
+                   help="also time the QAT model with these top-level layers float (train_qat.py --auto-skip's set)")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-op profile")
     p.add_argument("--name", default=None, help="results name (default: cfg or weights stem, -<isa> when capped)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")

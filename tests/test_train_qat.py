@@ -194,3 +194,29 @@ def test_calibration_log_counts_the_batches_that_exist(tiny):
     calib = [x for x in lines if "batches x 1 rank" in x]
     n_train = len((out["save_dir"] / "splits" / "train.txt").read_text().split())  # the rest held out to select on
     assert n_train >= 2 and len(calib) == 1 and f"{-(-n_train // 2)} batches x 1 rank" in calib[0], calib  # batch 2
+
+
+def test_auto_skip_layers_reach_the_checkpoint_and_the_export(tiny, monkeypatch):
+    """train_qat.py --auto-skip: the float layers the greedy search picks (its choice is tested in
+    tests/qat/test_sensitivity.py; here it is fixed to layer 1, the tiny model's mAP being too low to rank
+    anything) re-quantize the model without them, are stored in qat_best.pt and export without Q/DQ."""
+    import export_qat
+    import qat.sensitivity
+    from qat.graph import import_graph
+    from qat.lint import module_name
+
+    monkeypatch.setattr(qat.sensitivity, "auto_skip", lambda model, ranked, fn, fp32, budget, base_map=None:
+                        ([1], base_map, [([1], base_map)]))
+    out = _run(tiny, "auto-skip", epochs=0, auto_skip=0.001, no_eval_origin=True, no_eval_ptq=True, select_images=2)
+    assert out["settings"].skip_layers == [r"^model\.1\."]
+    model, settings, _ = load_qat(out["best"])
+    assert settings.skip_layers == [r"^model\.1\."]
+    # the model the run calibrated (and would fine-tune) is the re-quantized one, not only the saved settings
+    assert 1 not in qat.sensitivity.quantized_layers(out["model"]) and 0 in qat.sensitivity.quantized_layers(out["model"])
+    assert 1 not in qat.sensitivity.quantized_layers(model)
+    assert "layers [1] in float" in (out["save_dir"] / "sensitivity.md").read_text()
+    export_qat.run(weights=out["best"], imgsz=[IMGSZ])
+    graph = import_graph(out["best"].with_suffix(".onnx"))
+    dq = lambda t: bool(t.inputs) and t.inputs[0].op == "DequantizeLinear"  # noqa: E731
+    convs = {module_name(n): n for n in graph.nodes if n.op == "Conv" and ".dfl." not in module_name(n)}
+    assert len(convs) > 20 and [k for k, n in convs.items() if not dq(n.inputs[0])] == ["model.1.conv"]

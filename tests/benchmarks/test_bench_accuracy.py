@@ -102,3 +102,24 @@ def test_head_float_export_gets_its_own_deployed_row():
     label = "deployed OpenVINO, head float (QAT kd, --no-last-layer, val_trt protocol)"
     table = bench.summarise({"demo": {bench.VAL_TRT_FP32: [got[bench.VAL_TRT_FP32]], label: [got[bench.HEAD_FLOAT]]}})
     assert {r["model"]: r["d_map_mean"] for r in table["demo"]}[label] == pytest.approx(0.0003)
+
+
+def test_auto_skip_rows_recover_from_the_ptq_with_the_same_float_layers():
+    """--auto-skip: the QAT run's PTQ row has the float layers too; the drop recovered is measured from it,
+    and each row names the layers the run kept float."""
+    from qat.settings import QuantSettings
+    skip = bench.skip_suffix(0.0005)
+    assert skip == ", auto-skip 0.0005" and bench.skip_suffix(None) == ""
+    assert bench.float_layers(QuantSettings(skip_layers=[r"^model\.1\.", r"^model\.15\."])) == "; float 1 15"
+    assert bench.float_layers(QuantSettings()) == "; float none"
+    fp32 = {"map": 0.50, "map50": 0.7}
+    per_seed = {"demo": {"FP32": [fp32, fp32], "PTQ auto": [{"map": 0.48, "map50": 0.6}] * 2,
+                         f"PTQ auto{skip}": [{"map": 0.496, "map50": 0.7, "chosen": "mse; float 1"}] * 2,
+                         f"QAT kd{skip}": [{"map": 0.499, "map50": 0.7, "chosen": "step 40; float 1"}] * 2}}
+    table = bench.summarise(per_seed)["demo"]
+    assert bench.recovered(table, "auto", skip) == {f"QAT kd{skip}": pytest.approx(0.75)}
+    result = {"date": "d", "seconds": 1.0, "command": "c", "summary": {"demo": table},
+              "options": {"weights": "w", "imgsz": 64, "val_images": 4, "seeds": [0, 1], "calib_batches": 1,
+                          "batch_size": 2, "select_images": 2, "epochs": 1, "iters_per_epoch": 2, "auto_skip": 0.0005}}
+    text = bench.to_markdown(result)
+    assert f"QAT kd{skip} 75%" in text and "step 40; float 1, step 40; float 1" in text
