@@ -15,8 +15,8 @@ Rows, per batch size: the FP32 ONNX under OpenVINO's default precision (bf16 on 
 what a user gets out of the box) and forced f32; the QAT Q/DQ ONNX in both activation forms (int8
 zero point 0 as exported, uint8 zero point 128), the one qat.deploy.openvino.choose_form picks for
 this CPU marked as deployed (--act-form overrides); the deployed form with the detection head float
-(what export_qat.py --no-last-layer writes); with --float-layers, the deployed form with those
-top-level layers float (train_qat.py --auto-skip's set); NNCF; an exported IR folder (--ir) if given.
+(what export_qat.py --no-last-layer writes); with --float-layers, the deployed form with each set of
+top-level layers float (train_qat.py --auto-skip's sets); NNCF; an exported IR folder (--ir) if given.
 INT8 rows run with float layers in f32, as deployed. Every ratio is against the fastest float row;
 an INT8 row slower than it says so. The models take turns, round by round, so load on a shared
 machine hits them alike. Also: INT8 vs float convolutions of OpenVINO's runtime model, the per-op
@@ -25,6 +25,7 @@ size, the CPU's flags and the effective ISA (ONEDNN_MAX_CPU_ISA), model sizes. W
 benchmarks/results/<name>.{md,json,png} and <name>-profile.md (<name> gets -<isa> under
 ONEDNN_MAX_CPU_ISA); `python benchmarks/make_readme.py` turns the results into the README section.
 """
+import argparse
 import os
 import platform
 import statistics
@@ -263,7 +264,7 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
     t0 = time.time()
     fp32, qmodel, desc = build_models(cfg, weights, imgsz, calib, trusted)
     LOGGER.info(f"models ready ({time.time() - t0:.0f} s): {desc}")
-    bad = [i for i in float_layers if i >= len(qmodel.model)]
+    bad = [i for layers in float_layers for i in layers if i >= len(qmodel.model)]
     if bad:
         raise UserError(f"--float-layers {bad[0]}: the network has layers 0-{len(qmodel.model) - 1}")
 
@@ -280,8 +281,8 @@ def run(cfg="models/detect/gelan-c.yaml", weights=None, data=None, imgsz=640, ba
         floats = {f"FP32 ONNX, {label}": (read_onnx(f_onnx), prec) for label, prec in float_precisions().items()}
         models = {**floats, **_form_models(q_onnx, choice),
                   **_partly_float_model(qmodel, None, Path(tmp) / "qat-head-float.onnx", imgsz, choice)}
-        if float_layers:
-            models.update(_partly_float_model(qmodel, float_layers, Path(tmp) / "qat-float-layers.onnx", imgsz, choice))
+        for k, layers in enumerate(float_layers):
+            models.update(_partly_float_model(qmodel, layers, Path(tmp) / f"qat-float-layers-{k}.onnx", imgsz, choice))
         deployed = next(k for k in models if k.endswith("(deployed)"))
         if nncf:
             t0 = time.time()
@@ -402,6 +403,17 @@ def write(results, out):
                 (f" and {name}-profile.md" if results.get("profile") else ""))
 
 
+def layer_set(text):
+    """'1,15,8' -> [1, 15, 8] (--float-layers)."""
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer indices, e.g. 1,15,8")
+    return layers
+
+
 def parse_opt(argv=None):
     p = ArgumentParser(description="FP32 vs QAT vs NNCF INT8 latency on OpenVINO (CPU)")
     p.add_argument("--cfg", default="models/detect/gelan-c.yaml", help="model yaml (random weights)")
@@ -420,8 +432,9 @@ def parse_opt(argv=None):
     p.add_argument("--vnni", default="auto", choices=("auto", "yes", "no"),
                    help="deployed weight bits: no -> 7-bit weights; auto = by this CPU")
     p.add_argument("--ir", default=None, help="also time this OpenVINO IR folder (export_qat.py --include openvino)")
-    p.add_argument("--float-layers", type=nonneg_int, nargs="+", default=[], metavar="N",
-                   help="also time the QAT model with these top-level layers float (train_qat.py --auto-skip's set)")
+    p.add_argument("--float-layers", type=layer_set, nargs="+", default=[], metavar="N,N",
+                   help="also time the QAT model with these top-level layers float, one row per comma-separated "
+                        "set (train_qat.py --auto-skip's sets), e.g. 1,15,8 12,22")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-op profile")
     p.add_argument("--name", default=None, help="results name (default: cfg or weights stem, -<isa> when capped)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")

@@ -9,7 +9,8 @@
 
 Selection never uses the reported split: choices (calibration rule, best QAT evaluation) are made
 on `--select-split`, else on the data yaml's `select:` split, else on `--select-images` train images
-held out of training and calibration (lists in runs/qat/<name>/splits/); qat_best.pt is the best of the PTQ model and every
+held out of training and calibration (lists in runs/qat/<name>/splits/), evaluated as deployed (square
+letterbox, qat.evaluation.make_select_loader); qat_best.pt is the best of the PTQ model and every
 QAT evaluation on that split, and the report shows its numbers on val.
 
 Run directory runs/qat/<name>/: opt.yaml, calibration.md/json, weights/qat_best.pt (by mAP50-95)

@@ -21,7 +21,7 @@ def test_rows_ratios_profile_and_files(tmp_path):
     cfg.write_text(yaml.safe_dump(kit.tiny_cfg()))
     ir = export_ir(kit.onnx_path("qat", tmp_path), threads=1)["path"]
     r = bench.run(cfg=str(cfg), imgsz=64, batch_sizes=(1, 2), threads=1, iters=1, rounds=2, warmup=1, calib_images=2,
-                  nncf=False, ir=str(ir), name="tiny", out=tmp_path / "results", float_layers=[1])
+                  nncf=False, ir=str(ir), name="tiny", out=tmp_path / "results", float_layers=[[1]])
     chosen = choose_form()  # this machine (and ONEDNN_MAX_CPU_ISA, if set)
     floats = [k for k in r["batches"]["1"] if k.startswith("FP32 ONNX")]
     assert len(floats) == 2 and floats[1] == "FP32 ONNX, f32" and floats[0].startswith("FP32 ONNX, default (")
@@ -65,5 +65,11 @@ def test_float_layers_outside_the_network_is_one_line(tmp_path):
     cfg.write_text(yaml.safe_dump(kit.tiny_cfg()))
     n = len(kit.tiny_cfg()["backbone"]) + len(kit.tiny_cfg()["head"])
     with pytest.raises(UserError, match=f"--float-layers {n}: the network has layers 0-{n - 1}"):
-        bench.run(cfg=str(cfg), imgsz=64, batch_sizes=(1,), calib_images=1, nncf=False, float_layers=[0, n],
+        bench.run(cfg=str(cfg), imgsz=64, batch_sizes=(1,), calib_images=1, nncf=False, float_layers=[[1], [0, n]],
                   out=tmp_path / "results")
+
+
+def test_float_layer_sets_parse_from_the_command_line():
+    assert bench.parse_opt(["--float-layers", "1,15,8", "22"]).float_layers == [[1, 15, 8], [22]]
+    with pytest.raises(SystemExit):
+        bench.parse_opt(["--float-layers", "1,x"])
