@@ -140,9 +140,8 @@ def skip_suffix(budget):
 
 def float_layers(settings):
     """'; float 15 22': the top-level layers --auto-skip kept in float (from the run's skip regexes)."""
-    import re
-    layers = [m.group(1) for p in settings.skip_layers if (m := re.fullmatch(r"\^model\\\.(\d+)\\\.", p))]
-    return f"; float {' '.join(layers) or 'none'}"
+    from qat.sensitivity import skipped_layers
+    return f"; float {' '.join(map(str, skipped_layers(settings.skip_layers))) or 'none'}"
 
 
 def _rule(st):

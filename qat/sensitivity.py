@@ -8,6 +8,7 @@ after each addition, until the quantized mAP50-95 is within `budget` of FP32: a 
 approximation of the fewest float layers. The result is a `--skip-layers` list for train_qat.py.
 """
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +23,11 @@ def layer_prefix(i):
 
 def skip_regex(i):
     return rf"^model\.{i}\."
+
+
+def skipped_layers(patterns):
+    """The top-level layer indices among --skip-layers patterns written by `skip_regex` (others ignored)."""
+    return [int(m.group(1)) for p in patterns if (m := re.fullmatch(r"\^model\\\.(\d+)\\\.", p))]
 
 
 @contextmanager
