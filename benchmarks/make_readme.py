@@ -95,8 +95,9 @@ def section(results_dir=RESULTS, readme_dir=ROOT):
 
             lines += [to_markdown(r).replace("# Deployment agreement", "### Deployment agreement", 1)]
         elif "per_seed" in r:  # benchmarks/bench_accuracy.py: its own markdown, headings one level down
-            md = f.with_suffix(".md").read_text().replace("\n## ", "\n#### ").replace("# ", "### ", 1)
-            lines += [md.rstrip("\n"), ""]
+            title, body = f.with_suffix(".md").read_text().split("\n", 1)
+            name = f.stem.removeprefix("accuracy-")  # several runs: the heading says which one
+            lines += [f"### {name}: {title.lstrip('# ')}", body.replace("\n## ", "\n#### ").rstrip("\n"), ""]
         elif "qat_distill" in r:  # python -m qat.speed --json
             lines += qat_speed_section(r)
         elif "rows" in r:

@@ -105,3 +105,15 @@ def test_footer_names_every_cpu_the_latency_results_ran_on(tmp_path):
     # the uncapped reading of the test CPU replaces the capped one; the other CPU is named too
     assert footer.startswith("Test CPU, 2 logical CPUs, no VNNI/AMX, OpenVINO 2026.0") and "Other CPU" in footer
     assert "ONEDNN_MAX_CPU_ISA" not in footer
+
+
+def test_each_accuracy_result_is_named_in_its_heading(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    for name, value in (("demo-a", "0.5001"), ("demo-b", "0.5002")):
+        (res / f"accuracy-{name}.json").write_text(json.dumps({"per_seed": {}}))
+        (res / f"accuracy-{name}.md").write_text(
+            f"# INT8 accuracy: calibration methods\n\nsettings\n\n## demo (weights 8-bit)\n\n| FP32 | {value} |\n")
+    text = section(res, tmp_path)
+    assert "### demo-a: INT8 accuracy: calibration methods\n\nsettings\n\n#### demo (weights 8-bit)" in text
+    assert "### demo-b: INT8 accuracy: calibration methods" in text and "| FP32 | 0.5002 |" in text
