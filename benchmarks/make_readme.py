@@ -71,8 +71,8 @@ def qat_speed_section(r):
     m = r.get("machine", {})
     return [f"### QAT step time ({Path(r['model']).stem}, {r['imgsz']} px, batch {r['batch_size']}, {r['device']})", "",
             f"`{r.get('command', 'python -m qat.speed')}` on {m.get('device', '?')}, {m.get('torch_threads', '?')} "
-            f"torch threads, torch {m.get('torch', '?')}: one QAT iteration against one FP32 training iteration "
-            f"(median of timed steps).", "", table(r)]
+            f"torch threads, torch {m.get('torch', '?')}{', ' + r['date'] if r.get('date') else ''}: one QAT "
+            f"iteration against one FP32 training iteration (the steps take turns; median per step).", "", table(r)]
 
 
 def section(results_dir=RESULTS, readme_dir=ROOT):

@@ -7,7 +7,7 @@ FP32 step: train-mode forward of the unfused model, detection loss, backward, op
 train.py does per batch, without data loading and AMP). QAT steps: qat.finetune.Trainer.step on the
 fused, quantized, calibrated model: distillation (student forward + backward and the frozen FP32
 teacher's forward) with the default recipe (learned activation ranges) and with fixed ranges, and the
-detection loss. Median of --iters timed steps after --warmup.
+detection loss. The four steps take turns; median of --iters timed rounds after --warmup.
 """
 import argparse
 import json
@@ -28,20 +28,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, iters, warmup, device):
+def timed_round_robin(steps, iters, warmup, device):
+    """{name: fn} -> {name: median seconds per call}. The steps take turns (one call each per round), so a
+    machine that speeds up or slows down during the run moves every step alike and the ratios hold."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in steps.values():
+            fn()
+    times = {name: [] for name in steps}
     for _ in range(iters):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in steps.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _fp32_step_time(model, batch, iters, warmup, device):
+def _fp32_step(model, batch):
     """What train.py does per batch: forward, detection loss, backward, optimizer step."""
     from utils.loss_tal import ComputeLoss
 
@@ -57,7 +61,7 @@ def _fp32_step_time(model, batch, iters, warmup, device):
         loss.backward()
         opt.step()
 
-    return _timed(step, iters, warmup, device)
+    return step
 
 
 def measure(model, imgsz=640, batch_size=16, device="cpu", iters=10, warmup=3, loss="distill"):
@@ -80,18 +84,24 @@ def measure(model, imgsz=640, batch_size=16, device="cpu", iters=10, warmup=3, l
                          torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.05], 1)
     batch = (imgs, targets.to(device), None, None)
 
-    out = {"device": str(device), "imgsz": imgsz, "batch_size": batch_size,
-           "fp32": _fp32_step_time(model, batch, iters, warmup, device)}
     teacher = deepcopy(model).fuse().eval()
     q = quantize_model(deepcopy(teacher), QuantSettings())
     calibrate(q, [imgs.float() / 255], show=False)
     q.hyp = model.hyp
+    steps = {"fp32": _fp32_step(model, batch)}
     # the default recipe (learned ranges on), the same with calibrated ranges kept fixed, the det loss
+    trainers = {}
     for kind, extra in (("distill", {}), ("distill_fixed", {"loss": "distill", "learn_ranges": False}), ("det", {})):
-        trainer = Trainer(deepcopy(q), deepcopy(teacher), FinetuneOptions(**({"loss": kind} | extra)))
-        out[f"qat_{kind}"] = _timed(lambda: trainer.step(batch, trainer.opts.lr), iters, warmup, device)
+        trainers[kind] = t = Trainer(deepcopy(q), deepcopy(teacher), FinetuneOptions(**({"loss": kind} | extra)))
+        steps[f"qat_{kind}"] = lambda t=t: t.step(batch, t.opts.lr)
+    try:
+        out = {"device": str(device), "imgsz": imgsz, "batch_size": batch_size,
+               **timed_round_robin(steps, iters, warmup, device)}
+    finally:
+        for t in trainers.values():
+            t.close()
+    for kind in trainers:
         out[f"qat_{kind}_vs_fp32"] = out[f"qat_{kind}"] / out["fp32"]
-        trainer.close()
     return out
 
 
@@ -142,6 +152,7 @@ def main(argv=None):
     r["model"] = opt.weights or opt.cfg
     r["command"] = "python -m qat.speed " + " ".join(argv if argv is not None else sys.argv[1:])
     r["machine"] = machine(device)
+    r["date"] = time.strftime("%Y-%m-%d")
     print(table(r))
     if opt.json:
         with atomic_output(opt.json) as tmp:

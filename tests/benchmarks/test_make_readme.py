@@ -89,7 +89,7 @@ def test_qat_speed_result_gets_its_table(tmp_path):
     (res / "qat-speed.json").write_text(json.dumps(speed))
     text = section(res, tmp_path)
     assert "### QAT step time (gelan-t, 320 px, batch 8, cpu)" in text
-    assert "`python -m qat.speed --imgsz 320` on Test CPU, 2 torch threads" in text
+    assert "`python -m qat.speed --imgsz 320` on Test CPU, 2 torch threads" in text and "take turns" in text
     assert "| QAT, distillation (default) | 450.0 | 1.50x |" in text
 
 
