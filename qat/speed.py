@@ -21,28 +21,12 @@ from copy import deepcopy
 import torch
 
 from qat.compat import UserError, atomic_output, load_checkpoint, run_cli
+from qat.timing import take_turns
 
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed_round_robin(steps, iters, warmup, device):
-    """{name: fn} -> {name: median seconds per call}. The steps take turns (one call each per round), so a
-    machine that speeds up or slows down during the run moves every step alike and the ratios hold."""
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times = {name: [] for name in steps}
-    for _ in range(iters):
-        for name, fn in steps.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _fp32_step(model, batch):
@@ -95,8 +79,9 @@ def measure(model, imgsz=640, batch_size=16, device="cpu", iters=10, warmup=3, l
         trainers[kind] = t = Trainer(deepcopy(q), deepcopy(teacher), FinetuneOptions(**({"loss": kind} | extra)))
         steps[f"qat_{kind}"] = lambda t=t: t.step(batch, t.opts.lr)
     try:
+        times = take_turns(steps, iters, warmup=warmup, sync=lambda: _sync(device))
         out = {"device": str(device), "imgsz": imgsz, "batch_size": batch_size,
-               **timed_round_robin(steps, iters, warmup, device)}
+               **{name: statistics.median(t) for name, t in times.items()}}
     finally:
         for t in trainers.values():
             t.close()

@@ -2,13 +2,13 @@
 this CPU (its default precision, bf16 where the CPU has it, and forced f32): one measurement shared by
 benchmarks/bench_latency.py and demo.py, so every table says "slower" when INT8 is slower."""
 import statistics
-import time
 from collections import defaultdict
 
 import numpy as np
 
 from qat.deploy.base import log
 from qat.deploy.openvino import compile_config, conv_precisions
+from qat.timing import take_turns
 
 
 def op_profile(request, x, calls=5, top=12):
@@ -66,16 +66,7 @@ def time_round_robin(models, shape, threads=None, iters=5, rounds=4, warmup=2, p
             log(f"{label}: OpenVINO could not compile it for {list(shape)}: {rows[label]['error']}")
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     reqs = {k: c.create_infer_request() for k, c in compiled.items()}
-    for r in reqs.values():
-        for _ in range(warmup):
-            r.infer({0: x})
-    times = {k: [] for k in reqs}
-    for _ in range(rounds):
-        for k, r in reqs.items():
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                r.infer({0: x})
-                times[k].append(time.perf_counter() - t0)
+    times = take_turns({k: (lambda r=r: r.infer({0: x})) for k, r in reqs.items()}, rounds, iters, warmup)
     for k, c in compiled.items():
         med = statistics.median(times[k])
         convs = conv_precisions(c)

@@ -1,15 +1,7 @@
 """qat/speed.py: a QAT iteration timed against an FP32 training iteration, the steps taking turns."""
 import json
 
-from qat.speed import main, timed_round_robin
-
-
-def test_steps_take_turns_so_a_drifting_machine_moves_them_alike():
-    calls = []
-    medians = timed_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                iters=3, warmup=1, device=__import__("torch").device("cpu"))
-    assert calls == ["a", "b"] * 4  # one warmup round, three timed rounds, never a block of one step
-    assert set(medians) == {"a", "b"} and all(m >= 0 for m in medians.values())
+from qat.speed import main
 
 
 def test_speed_command_writes_every_step_and_its_ratio(tmp_path, capsys):
