@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from qat.compat import UserError
 from qat.distributed import current_rank, is_distributed
+from qat.modules import quantize_once
 from qat.quantize import prepare_for_training
 
 LOSSES = ("distill", "det", "both")
@@ -423,7 +424,8 @@ class Trainer:
         if self.teacher is not None:
             with torch.no_grad():
                 self.teacher(imgs)
-        preds = net(imgs)
+        with quantize_once():  # a tensor shared by two quantization points is quantized once
+            preds = net(imgs)
         loss = 0.0
         if self.teacher is not None:
             d = self._distill(items)

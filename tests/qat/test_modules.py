@@ -132,3 +132,57 @@ def test_input_quantizer_keeps_the_layout_and_modelopts_values():
     calib.load_calib_amax()
     assert torch.isclose(calib.amax, x.abs().max())
     assert disabled_quantizer()(x) is x
+
+
+def test_quantize_once_quantizes_a_tensor_once_per_forward():
+    """Inside quantize_once() a quantizer meeting the same, unchanged tensor again returns its first output;
+    a new or modified tensor, or any call outside, is quantized again."""
+    from qat.modules import make_input_quantizer, quantize_once
+
+    q = make_input_quantizer()
+    q.amax = torch.tensor(2.0)
+    calls = []
+    real = q._fake_quantize
+    q._fake_quantize = lambda t: calls.append(1) or real(t)
+    x = torch.randn(2, 4, 3, 3)
+    with quantize_once():
+        y = q(x)
+        assert q(x) is y and len(calls) == 1
+        assert torch.equal(q(x.clone()), y) and len(calls) == 2
+        x.mul_(2)  # changed in place: quantized again
+        assert not torch.equal(q(x), y) and len(calls) == 3
+    q(x), q(x)
+    assert len(calls) == 5
+
+
+def test_quantize_once_gives_the_same_gradients_with_fewer_quantizations():
+    """A quantized model with learned ranges: loss, weight and range gradients with the cache equal
+    those without it, while some activations (one tensor at a shared quantizer) are quantized once."""
+    from qat.learned_ranges import LearnedRangeQuantizer, enable_learned_ranges
+    from qat.modules import quantize_once
+
+    model = kit.qat_model().train()
+    enable_learned_ranges(model)
+    calls = []
+    real = LearnedRangeQuantizer._fake_quantize
+    x = kit.images(2)
+
+    def grads(cache):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        with quantize_once() if cache else torch.enable_grad():
+            out = model(x)
+        loss = sum((t.float() ** 2).mean() for t in (out if isinstance(out, (list, tuple)) else [out]))
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    try:
+        LearnedRangeQuantizer._fake_quantize = lambda self, t: calls.append(1) or real(self, t)
+        loss0, g0, n0 = grads(cache=False)
+        loss1, g1, n1 = grads(cache=True)
+    finally:
+        LearnedRangeQuantizer._fake_quantize = real
+    assert n1 < n0 and loss1 == loss0 and g1.keys() == g0.keys()
+    assert any("log_amax" in n for n in g0)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-7), n
